@@ -20,7 +20,7 @@ def build(model, cfg, ctx):
     return get_peft_model(model, config)
 
 
-def optimizer(model, cfg):
+def optimizer(model, cfg, ctx):
     return create_lorafa_optimizer(model, r=cfg.r, lora_alpha=cfg.lora_alpha, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

@@ -20,7 +20,7 @@ def build(model, cfg, ctx):
     return build_tuned(model, cfg)
 
 
-def optimizer(model, cfg):
+def optimizer(model, cfg, ctx):
     return MeZO(zo_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay)
 
 

@@ -26,7 +26,7 @@ def build(model, cfg, ctx):
     return build_tuned(model, cfg)
 
 
-def optimizer(model, cfg):
+def optimizer(model, cfg, ctx):
     if not 0 <= cfg.anneal_start <= cfg.anneal_end <= 1:
         fail(f"need 0 <= --anneal_start <= --anneal_end <= 1, got {cfg.anneal_start}, {cfg.anneal_end}")
     if not (0 <= cfg.alpha_end <= 1 and 0 < cfg.beta1_end <= 1 and 0 <= cfg.beta2_end <= 1):

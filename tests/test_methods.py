@@ -121,3 +121,73 @@ def test_method_help_lists_its_params(name, capsys, monkeypatch):
     for key in list(TINY_METHODS[name]) + ["lr", "steps_per_task", "sequence"]:
         assert f"--{key}" in out, f"{name}: --{key} missing from --help"
     assert "Update rule" in out  # the script's docstring heads its help
+
+
+def test_help_shows_the_method_override_as_default(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        build_config(load_method("pissa"), ["--help"])
+    lr_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--lr"))
+    assert "(default: 5e-05)" in lr_line, lr_line  # methods.pissa.lr, not train.lr
+
+
+def test_response_only_loss_equals_the_models_own(methods_project, probe):
+    from stages.core.batches import causal_lm_loss
+
+    _, _, batch = probe
+    model = load_model(methods_project / "models" / "base")
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss, atol=1e-6, rtol=1e-6)
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a bf16 Trainer after fp32 ones needs it reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_training_scores_in_full_precision(methods_project, probe, monkeypatch, fresh_accelerate_state):
+    """--mixed_precision bf16 trains under autocast, but lm-eval scores (and merges) the model in
+    fp32: what is scored in training equals what the evaluate stage scores."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from stages.core.sft import mergeable_copy
+
+    monkeypatch.chdir(methods_project)
+    _, encoded, batch = probe
+    tokenizer = probe[0]
+    method = load_method("lora")
+    cfg = build_config(method, ["--params", "params_methods.yaml", "--sequence", "one", "--steps_per_task", "8",
+                                "--lr", "1e-2", "--mixed_precision", "bf16", "--eval_limit", "2",
+                                "--output_dir", "runs/bf16", "--results_dir", "results/train/bf16", "--work_dir", "checkpoints/bf16"])
+    trainer = Trainer(method, cfg)
+    before = response_loss(trainer.unwrapped, encoded, tokenizer.pad_token_id)
+    trainer.train_task(0)
+    assert response_loss(trainer.unwrapped, encoded, tokenizer.pad_token_id) < before - 0.1
+    scored = logits(mergeable_copy(trainer.unwrapped), batch)
+    reference = logits(copy_without_autocast(trainer.unwrapped).merge_and_unload(), batch)
+    torch.testing.assert_close(scored, reference, atol=2e-5, rtol=1e-5)
+
+    # A full-weight model prepared for bf16: the scored copy runs the fp32 forward, the original
+    # keeps training under autocast.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    full = Accelerator(mixed_precision="bf16").prepare(load_model("models/base"))
+    plain = logits(load_model("models/base"), batch)
+    assert not torch.allclose(logits(full, batch), plain, atol=1e-4)
+    torch.testing.assert_close(logits(mergeable_copy(full), batch), plain, atol=0, rtol=0)
+    assert not torch.allclose(logits(full, batch), plain, atol=1e-4)
+
+
+def copy_without_autocast(model):
+    """A deep copy of a prepared peft model with its class forward back (the reference)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.__dict__.pop("forward", None)
+    clone.__dict__.pop("_original_forward", None)
+    return clone

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Callable
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -29,8 +32,11 @@ def encode_example(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: in
     return {"input_ids": input_ids, "labels": labels}
 
 
-def encode_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, task: str = "") -> list[dict]:
-    return [encode_example(row, tokenizer, max_length, f"task '{task}' row {row.get('id', i)}") for i, row in enumerate(rows)]
+def encode_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, task: str = "",
+                encode: Callable[..., dict] = encode_example) -> list[dict]:
+    """Every row through ``encode(row, tokenizer, max_length, where)`` (a method may bring its own:
+    CIMEO's pretraining form learns every token)."""
+    return [encode(row, tokenizer, max_length, f"task '{task}' row {row.get('id', i)}") for i, row in enumerate(rows)]
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -77,3 +83,25 @@ def response_loss(model: torch.nn.Module, encoded: list[dict], pad_id: int, batc
         count += int((targets != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(count, 1)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    inner = model
+    while hasattr(inner, "get_base_model") or hasattr(inner, "module"):  # peft / DDP wrappers
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.module
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens, as ``model(**batch).loss``, but the LM head
+    (49k-way on SmolLM2) runs only at the positions that predict a label: responses are a few
+    tokens of each row, so this skips most of the head's matmul and softmax in both passes."""
+    labels = batch["labels"]
+    if not _accepts_logits_to_keep(model):
+        return model(**batch).loss
+    positions = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # position t predicts t+1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=positions).logits.float()
+    targets = labels[:, positions + 1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)

@@ -15,6 +15,7 @@ optimizer. Everything else is here, written once:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from . import config as cfglib
-from .batches import batch_order, collate, encode_rows
+from .batches import batch_order, causal_lm_loss, collate, encode_example, encode_rows
 from .continual import average_performance, backward_transfer
 from .errors import cli_entry, fail
 from .evaluation import Evaluator
@@ -42,10 +43,10 @@ from .models import load_model, load_tokenizer
 from .tasks import load_task
 
 BuildFn = Callable[[PreTrainedModel, SimpleNamespace, "Context"], torch.nn.Module]
-OptimizerFn = Callable[[torch.nn.Module, SimpleNamespace], torch.optim.Optimizer]
+OptimizerFn = Callable[[torch.nn.Module, SimpleNamespace, "Context"], torch.optim.Optimizer]
 
 
-def adamw(model: torch.nn.Module, cfg: SimpleNamespace) -> torch.optim.Optimizer:
+def adamw(model: torch.nn.Module, cfg: SimpleNamespace, ctx: "Context | None" = None) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no decay on biases and norms."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -64,6 +65,7 @@ class Context:
     tasks: list
     encoded: list[list[dict]]
     work_dir: Path
+    task_index: int = 0  # the task being trained (optimizers are built anew for every task)
 
     def calibration_batches(self, n_samples: int, batch_size: int = 1, with_labels: bool = True) -> list[dict]:
         """The first ``n_samples`` training examples of the first task, collated (one sample per
@@ -92,7 +94,7 @@ def first_order_step(step: StepInputs) -> float:
     for k, batch in enumerate(step.micro_batches):
         # Only the last micro-batch all-reduces gradients across processes.
         with acc.no_sync(model) if k < n - 1 else contextlib.nullcontext():
-            loss = model(**batch).loss
+            loss = causal_lm_loss(model, batch)
             acc.backward(loss / n)
         losses.append(loss.item())
     if step.cfg.max_grad_norm > 0:
@@ -105,14 +107,17 @@ def first_order_step(step: StepInputs) -> float:
 @dataclass
 class Method:
     """One fine-tuning method: ``build(model, cfg, ctx)`` turns the base model into the model to
-    train (e.g. a peft model); ``optimizer(model, cfg)`` builds its optimizer (AdamW by default);
-    ``train_step`` turns one batch into one update (forward/backward/step by default)."""
+    train (e.g. a peft model); ``optimizer(model, cfg, ctx)`` builds its optimizer for task
+    ``ctx.task_index`` (AdamW by default); ``train_step`` turns one batch into one update
+    (forward/backward/step by default); ``encode`` turns a task row into input ids and labels
+    (prompt masked, response learned by default)."""
 
     name: str
     build: BuildFn
     optimizer: OptimizerFn = adamw
     train_step: Callable[[StepInputs], float] = first_order_step  # zeroth-order methods replace it
     doc: str = ""
+    encode: Callable[..., dict] = encode_example
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -137,19 +142,20 @@ def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNam
         "init": "",
         "tasks_dir": "data/tasks",
         "seed": params.get("seed", 0),
-        "mixed_precision": "no",
         "eval_limit": 0,
         "output_dir": f"runs/{row}",
         "results_dir": f"results/rows/{row}",
         "work_dir": f"checkpoints/{row}",
     }
     parser = cfglib.OneLineParser(prog=f"{method.name}4sft.py", description=method.doc,
-                                  formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    train = {"mixed_precision": "no", **params.get("train", {})}
+    # A method's section overrides the shared training settings (PiSSA's smaller lr, MeZO's steps).
     cfglib.add_flags(parser, run_defaults, "run")
-    cfglib.add_flags(parser, dict(params.get("train", {})), "training (params.yaml: train)")
-    cfglib.add_flags(parser, {k: v for k, v in method_params.items() if k not in params.get("train", {})},
+    cfglib.add_flags(parser, {k: method_params.get(k, v) for k, v in train.items()},
+                     f"training (params.yaml: train, overridden by methods.{method.name})")
+    cfglib.add_flags(parser, {k: v for k, v in method_params.items() if k not in train},
                      f"method (params.yaml: methods.{method.name})")
-    parser.set_defaults(**{k: v for k, v in method_params.items() if k in params.get("train", {})})
     cfg = cfglib.parse(parser, argv)
     cfg.method = method.name
     if cfg.init:
@@ -278,6 +284,14 @@ def mergeable_copy(model: torch.nn.Module) -> PreTrainedModel:
 
     if isinstance(model, PeftModel):
         return copy.deepcopy(model).merge_and_unload()
+    if "_original_forward" in model.__dict__:
+        # accelerate wrapped forward in autocast for mixed-precision training: score a copy with
+        # the class's own forward, in full precision like the evaluate stage (a full-precision
+        # run scores the model itself: no copy, so MeZO's memory stays at inference level).
+        plain = copy.deepcopy(model)
+        plain.__dict__.pop("forward", None)
+        plain.__dict__.pop("_original_forward", None)
+        return plain
     return model
 
 
@@ -290,14 +304,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.base_model)
         self.tasks = [load_task(name, Path(cfg.tasks_dir)) for name in cfg.tasks]
-        self.encoded = [encode_rows(t.train, self.tokenizer, cfg.max_length, t.name) for t in self.tasks]
+        self.encoded = [encode_rows(t.train, self.tokenizer, cfg.max_length, t.name, method.encode) for t in self.tasks]
         self.work = WorkDir(cfg.work_dir, fingerprint(cfg), self.accelerator.is_main_process)
-        context = Context(self.tokenizer, self.tasks, self.encoded, self.work.root)
-        model = method.build(load_model(cfg.base_model), cfg, context)
+        self.context = Context(self.tokenizer, self.tasks, self.encoded, self.work.root)
+        model = method.build(load_model(cfg.base_model), cfg, self.context)
         self.tuned = {n for n, p in model.named_parameters() if p.requires_grad}
         if not self.tuned:
             fail(f"method '{method.name}' left no trainable parameters")
-        method.optimizer(model, cfg)  # some optimizers freeze tensors (LoRA-FA's A): count after it
+        method.optimizer(model, cfg, self.context)  # some optimizers freeze tensors (LoRA-FA's A): count after it
         self.trainable, self.total = count_parameters(model)
         self.initial_adapter = None
         if needs_conversion(model):
@@ -348,7 +362,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         task, encoded = self.tasks[index], self.encoded[index]
         world, micro = acc.num_processes, cfg.batch_size
-        optimizer = acc.prepare(self.method.optimizer(self.unwrapped, cfg))
+        self.context.task_index = index
+        optimizer = acc.prepare(self.method.optimizer(self.unwrapped, cfg, self.context))
         scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.steps_per_task),
                                   num_training_steps=cfg.steps_per_task)
         start, history = self._load_state(index, optimizer, scheduler)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from .batches import causal_lm_loss
 from .errors import fail
 
 if TYPE_CHECKING:
@@ -347,7 +348,7 @@ def zeroth_order_step(step: "StepInputs") -> float:
     losses: list[torch.Tensor] = []
 
     def closure() -> torch.Tensor:
-        total = sum(model(**batch).loss.float() for batch in batches) / len(batches)
+        total = sum(causal_lm_loss(model, batch) for batch in batches) / len(batches)
         losses.append(total)
         return total
 
