@@ -31,11 +31,9 @@ from stages.core.errors import AdaptlabError, fail
 from stages.core.io import read_json
 from stages.core.sft import Method, main
 
-# The params.yaml section (= the row) when neither --method_name nor --init names one: the
-# script's own name, so a link methods/corda_ipa4sft.py -> corda4sft.py is the corda_ipa row
-# (dvc.yaml runs methods/<method>4sft.py); corda_kpa for this file itself.
-DEFAULT_NAME = Path(__file__).stem.removesuffix("4sft")
-DEFAULT_NAME = "corda_kpa" if DEFAULT_NAME == "corda" else DEFAULT_NAME
+# The params.yaml section (= the row) when neither --method_name nor --init names one.
+# methods/corda_kpa4sft.py and corda_ipa4sft.py (what dvc.yaml runs) pass their own.
+DEFAULT_NAME = "corda_kpa"
 
 
 def build(model, cfg, ctx):
@@ -70,9 +68,9 @@ def corda_method(name: str) -> Method:
 METHOD = corda_method(DEFAULT_NAME)
 
 
-def method_name(argv: Sequence[str]) -> tuple[str, list[str]]:
+def method_name(argv: Sequence[str], default: str = DEFAULT_NAME) -> tuple[str, list[str]]:
     """The params section to run: --method_name, else the method recorded in --init's init.json,
-    else DEFAULT_NAME. Returns it and argv without --method_name."""
+    else ``default``. Returns it and argv without --method_name."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method_name", default=None)
     pre.add_argument("--init", default="")
@@ -91,13 +89,13 @@ def method_name(argv: Sequence[str]) -> tuple[str, list[str]]:
         recorded = read_json(init_file).get("method")
     if known.method_name and recorded and known.method_name != recorded:
         fail(f"--method_name {known.method_name} but --init {known.init} was decomposed for {recorded}")
-    return known.method_name or recorded or METHOD.name, rest
+    return known.method_name or recorded or default, rest
 
 
-def run(argv: Sequence[str] | None = None) -> None:
+def run(argv: Sequence[str] | None = None, default: str = DEFAULT_NAME) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        name, rest = method_name(argv)
+        name, rest = method_name(argv, default)
     except AdaptlabError as err:  # before main's own wrapper: same one-line error, exit 2
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)

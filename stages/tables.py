@@ -73,27 +73,36 @@ def summary_rows(rows: list[dict], zero_shot: dict) -> tuple[list[str], list[lis
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
+    """Every row's loss against training progress in tasks (rows may differ in steps per task:
+    MeZO runs more), so the task boundaries line up at 1, 2, ... for all of them."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colours = plt.get_cmap("tab20").colors
+    for i, r in enumerate(rows):
         if r["loss_curve"]:
             steps, losses = zip(*r["loss_curve"])
-            ax.plot(steps, losses, label=r["method"])
-    ends = [i * (r["loss_curve"][-1][0] / len(r["tasks"])) for r in rows[:1] if r["loss_curve"] for i in range(1, len(r["tasks"]))]
-    for x in ends:
+            per_task = steps[-1] / len(r["tasks"])  # the last logged step ends the last task
+            ax.plot([s / per_task for s in steps], losses, label=r["method"], color=colours[i % len(colours)], lw=1.2)
+    for x in range(1, len(rows[0]["tasks"])):
         ax.axvline(x, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="optimizer step (dashed: next task)", ylabel="training loss (response tokens)",
+    ax.set_xticks(range(len(rows[0]["tasks"]) + 1))
+    ax.set(xlabel="tasks trained (dashed: next task)", ylabel="training loss (mean since last log)",
            title=f"Training loss over the sequence {' → '.join(rows[0]['tasks'])}")
-    ax.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_matrices(rows: list[dict], path: Path) -> None:
+def plot_matrices(rows: list[dict], path: Path, per_line: int = 4) -> None:
     tasks = rows[0]["tasks"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows) + 0.8, 3.2), squeeze=False)
-    for ax, r in zip(axes[0], rows):
+    lines = -(-len(rows) // per_line)
+    cols = min(per_line, len(rows))
+    fig, axes = plt.subplots(lines, cols, figsize=(3.2 * cols + 0.8, 3.2 * lines), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, rows):
         image = ax.imshow(r["matrix_rows"], vmin=0, vmax=1, cmap="viridis")
         for i, line in enumerate(r["matrix_rows"]):
             for j, value in enumerate(line):
@@ -101,8 +110,28 @@ def plot_matrices(rows: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=8)
         ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=8)
         ax.set_title(f"{r['method']}  AP {r['AP']:.2f}  BWT {fmt(r['BWT'], 2)}", fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="score")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="score")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_scores(rows: list[dict], zero_shot: dict, path: Path) -> None:
+    """Final score per task and AP for every method, base model first: the table at a glance."""
+    tasks = rows[0]["tasks"]
+    labels = ["base"] + [r["method"] for r in rows]
+    series = {t: [zero_shot[t]] + [r["merged"][t] for r in rows] for t in tasks}
+    series["AP"] = [sum(zero_shot[t] for t in tasks) / len(tasks)] + [r["AP"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(7, 0.7 * len(labels) * (len(series) / 3)), 4))
+    width = 0.8 / len(series)
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))], values, width, label=name,
+               color="black" if name == "AP" else None, alpha=0.85 if name == "AP" else 1.0)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set(ylabel="score after the whole sequence", ylim=(0, 1), title=f"Final scores: {' → '.join(tasks)}")
+    ax.legend(fontsize=8, ncol=len(series))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -124,12 +153,14 @@ def main(argv=None) -> None:
             rows = [load_row(results, method, sequence) for method in pipeline["methods"]]
             header, table = summary_rows(rows, rows[0]["zero_shot"])
             doc += [f"## Sequence `{sequence}`: {' → '.join(rows[0]['tasks'])}", "", markdown_table(header, table), "",
-                    f"![training loss](plots/loss_{sequence}.png)", f"![accuracy matrices](plots/matrix_{sequence}.png)", "",
+                    f"![final scores](plots/scores_{sequence}.png)", f"![training loss](plots/loss_{sequence}.png)",
+                    f"![accuracy matrices](plots/matrix_{sequence}.png)", "",
                     "### Accuracy matrices (row: after training on task; column: scored task)", ""]
             for r in rows:
                 doc += [f"**{r['method']}**", "", markdown_table(["after \\ on"] + r["tasks"],
                         [[t] + line for t, line in zip(r["tasks"], r["matrix_rows"])]), ""]
             csv_rows += [[sequence] + line for line in table]
+            plot_scores(rows, rows[0]["zero_shot"], plots / f"scores_{sequence}.png")
             plot_losses(rows, plots / f"loss_{sequence}.png")
             plot_matrices(rows, plots / f"matrix_{sequence}.png")
         buffer = io.StringIO()

