@@ -5,7 +5,9 @@ The corda_ipa row of dvc.yaml; the method, its update rule and options are in co
     python methods/corda_ipa4sft.py --init models/init/corda_ipa
 """
 
-from corda4sft import run
+from corda4sft import corda_method, run
+
+METHOD = corda_method("corda_ipa")
 
 if __name__ == "__main__":
     run(default="corda_ipa")

@@ -5,7 +5,9 @@ The corda_kpa row of dvc.yaml; the method, its update rule and options are in co
     python methods/corda_kpa4sft.py --init models/init/corda_kpa
 """
 
-from corda4sft import run
+from corda4sft import corda_method, run
+
+METHOD = corda_method("corda_kpa")
 
 if __name__ == "__main__":
     run(default="corda_kpa")

@@ -12,8 +12,8 @@ first-order training: see params.yaml methods.mezo.
 Optimizer: stages/core/zeroth_order.py MeZO; train step: zeroth_order_step.
 """
 
-from stages.core.sft import Method, main
-from stages.core.zeroth_order import MeZO, build_tuned, zeroth_order_step, zo_param_groups
+from stages.core.sft import Method, main, weight_decay_groups
+from stages.core.zeroth_order import MeZO, build_tuned, zeroth_order_step
 
 
 def build(model, cfg, ctx):
@@ -21,7 +21,7 @@ def build(model, cfg, ctx):
 
 
 def optimizer(model, cfg, ctx):
-    return MeZO(zo_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay)
+    return MeZO(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay)
 
 
 METHOD = Method("mezo", build, optimizer=optimizer, train_step=zeroth_order_step, doc=__doc__)

@@ -18,8 +18,8 @@ Optimizer: stages/core/zeroth_order.py ZOAdaMU; train step: zeroth_order_step.
 """
 
 from stages.core.errors import fail
-from stages.core.sft import Method, main
-from stages.core.zeroth_order import ZOAdaMU, build_tuned, zeroth_order_step, zo_param_groups
+from stages.core.sft import Method, main, weight_decay_groups
+from stages.core.zeroth_order import ZOAdaMU, build_tuned, zeroth_order_step
 
 
 def build(model, cfg, ctx):
@@ -32,7 +32,7 @@ def optimizer(model, cfg, ctx):
     if not (0 <= cfg.alpha_end <= 1 and 0 < cfg.beta1_end <= 1 and 0 <= cfg.beta2_end <= 1):
         fail("--alpha_end and --beta2_end must be in [0, 1], --beta1_end in (0, 1] (β1 = 0 makes m a random walk)")
     steps = (round(cfg.anneal_start * cfg.steps_per_task), round(cfg.anneal_end * cfg.steps_per_task))
-    return ZOAdaMU(zo_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay,
+    return ZOAdaMU(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay,
                    anneal_steps=steps, alpha_end=cfg.alpha_end, beta1_end=cfg.beta1_end, beta2_end=cfg.beta2_end)
 
 

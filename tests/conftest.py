@@ -83,6 +83,34 @@ def write_hamlet_wheel(folder: Path) -> Path:
     return folder
 
 
+def run_gloo_workers(script: str, folder: Path, world: int = 2, timeout: int = 120) -> None:
+    """``script`` (a worker reading RANK, WORLD_SIZE and argv [root, store, folder]) run as
+    ``world`` processes of a gloo group on one machine; fails unless every one exits 0."""
+    (folder / "worker.py").write_text(script)
+    procs = [subprocess.Popen([PYTHON, folder / "worker.py", ROOT, folder / "store", folder],
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), OMP_NUM_THREADS="1"))
+             for r in range(world)]
+    try:
+        assert [p.wait(timeout=timeout) for p in procs] == [0] * world
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def assert_help_lists(method, params_file: str, keys, capsys) -> None:
+    """``<method>4sft.py --help`` exits 0, lists every key as a flag and starts with the update rule."""
+    from stages.core.sft import build_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_config(method, ["--params", params_file, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in list(keys) + ["lr", "steps_per_task"]:
+        assert f"--{key}" in out, f"--{key} missing from --help"
+    assert "Update rule" in out
+
+
 # ----------------------------------------------------------------------------- task data
 
 POSITIVE = ["good", "great", "wonderful", "excellent", "superb", "lovely"]

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest

@@ -13,8 +13,6 @@ import copy
 import io
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
@@ -23,8 +21,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import PYTHON, ROOT, tiny_params, write_params
-from stages.core.zeroth_order import MeZO, ZOAdaMU, annealed, step_seed, zo_param_groups
+from conftest import assert_help_lists, run_gloo_workers, tiny_params, write_params
+from stages.core.sft import weight_decay_groups
+from stages.core.zeroth_order import MeZO, ZOAdaMU, annealed, step_seed
 from test_methods import TARGETS, load_method
 
 OPTIMIZERS = {"mezo": MeZO, "zoadamu": ZOAdaMU}
@@ -60,7 +59,7 @@ def mse_closure(model, x, y):
 
 def make(name: str, model: torch.nn.Module, **kw):
     defaults = {"mezo": dict(lr=1e-2, eps=1e-3), "zoadamu": dict(lr=1e-2, eps=1e-3, anneal_steps=(20, 200))}[name]
-    return OPTIMIZERS[name](zo_param_groups(model, 0.0), **{**defaults, **kw})
+    return OPTIMIZERS[name](weight_decay_groups(model, 0.0), **{**defaults, **kw})
 
 
 def params_of(model) -> list[torch.Tensor]:
@@ -142,7 +141,7 @@ def test_mezo_estimate_float32_small_eps():
             for p, b in zip(model.parameters(), base):
                 p.copy_(b)
         seen = []
-        opt = MeZO(zo_param_groups(model, 0.0), lr=1.0, eps=1e-3, seed=seed)
+        opt = MeZO(weight_decay_groups(model, 0.0), lr=1.0, eps=1e-3, seed=seed)
         opt.step(lambda: seen.append(params_of(model)) or loss())
         z = [(s - b) / 1e-3 for s, b in zip(seen[0], base)]
         truth = sum((g * zi).sum() for g, zi in zip(grads, z)).item()
@@ -363,15 +362,7 @@ for name, cls, extra in (("mezo", MeZO, {}), ("zoadamu", ZOAdaMU, {"anneal_steps
 def two_process_results(tmp_path_factory):
     """Both optimisers trained by two gloo processes, each on half of the batch."""
     out = tmp_path_factory.mktemp("ddp")
-    (out / "worker.py").write_text(WORKER)
-    procs = [subprocess.Popen([PYTHON, out / "worker.py", ROOT, out / "store", out],
-                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", OMP_NUM_THREADS="1")) for r in range(2)]
-    try:
-        assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    run_gloo_workers(WORKER, out)
     return out
 
 
@@ -474,16 +465,8 @@ def test_mezo_full_run_exports_a_full_model(zo_project, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_help_lists_the_method_params(name, zo_project, capsys, monkeypatch):
-    from stages.core.sft import build_config
-
     monkeypatch.chdir(zo_project)
-    with pytest.raises(SystemExit) as exit_info:
-        build_config(load_method(name), ["--params", "params_zo.yaml", "--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    for key in list(ZO_METHODS[name]) + ["lr", "steps_per_task"]:
-        assert f"--{key}" in out
-    assert "Update rule" in out
+    assert_help_lists(load_method(name), "params_zo.yaml", ZO_METHODS[name], capsys)
 
 
 def test_zeroth_order_step_rejects_fp16_scaler():

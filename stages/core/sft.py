@@ -46,14 +46,20 @@ BuildFn = Callable[[PreTrainedModel, SimpleNamespace, "Context"], torch.nn.Modul
 OptimizerFn = Callable[[torch.nn.Module, SimpleNamespace, "Context"], torch.optim.Optimizer]
 
 
-def adamw(model: torch.nn.Module, cfg: SimpleNamespace, ctx: "Context | None" = None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no decay on biases and norms."""
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters in model order: matrices decayed, then biases and norms
+    (ndim < 2), never decayed; empty groups left out. A tied weight is listed once."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for _, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def adamw(model: torch.nn.Module, cfg: SimpleNamespace, ctx: "Context | None" = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no decay on biases and norms."""
+    return torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
 
 
 @dataclass

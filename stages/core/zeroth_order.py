@@ -57,17 +57,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def zo_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """The trainable parameters in a fixed order: decayed matrices, then biases and norms
-    (ndim < 2), which are never decayed. ``named_parameters`` lists a tied weight once."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 class _ZerothOrder(torch.optim.Optimizer):
     """What MeZO and ZO-AdaMU share: the seeded step counter, the per-device generators and noise
     buffers, the closure's loss as a tensor, and the cross-process mean of g."""
