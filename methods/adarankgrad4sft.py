@@ -1,0 +1,44 @@
+"""AdaRankGrad: Adaptive Gradient-Rank and Moments for Memory-Efficient LLMs Training and
+Fine-Tuning (Refael et al., ICLR 2025; no official code).
+
+Update rule: full fine-tuning (every weight trainable); for each target weight matrix W
+(attention and MLP linears), G' its gradient oriented so the projection acts on the smaller side:
+    subspace: randomized SVD of G'; r = the smallest of rank_min, rank_min + rank_step, ...,
+              rank_max whose top-r components keep a fraction `energy` of ‖G'‖_F²;
+              Q = those r left singular vectors (r x min(m, n), orthonormal rows)
+    step:     M, V = Adam moments of QG';  W -= lr·scale·Qᵀ·(M̂ / (√V̂ + eps))
+    refresh:  new Q when ‖QG'‖²/‖G'‖² < refresh_threshold (the gradient has left the subspace)
+              or every update_proj_gap steps; the moments move into the new basis with
+              R = Q_new·Q_oldᵀ: M <- R·M, V <- max(R·V, 0) (--second_moment squared: (R∘R)·V)
+Moments of W: 2·r·max(m, n) numbers, at most rank_max / min(m, n) of AdamW's; embeddings and
+norms get plain AdamW. Paper defaults (7B-class, hidden 4096): rank_max 128, rank step 8,
+gap 200, information threshold 0.2 (read here as the energy the subspace may lose: energy 0.8);
+see params.yaml methods.adarankgrad for the SmolLM2 values.
+Optimizer: stages/core/projection.py AdaRankGrad (its docstring has the details).
+"""
+
+from types import SimpleNamespace
+
+from stages.core.config import check_choice
+from stages.core.projection import AdaRankGrad, projection_groups
+from stages.core.sft import Method, main
+from stages.core.zeroth_order import build_tuned
+
+
+def build(model, cfg, ctx):
+    return build_tuned(model, SimpleNamespace(tuning="full"))
+
+
+def optimizer(model, cfg, ctx):
+    check_choice(cfg, "second_moment", ["rotate", "squared"])
+    groups = projection_groups(model, cfg.target_modules, cfg.weight_decay, rank_min=cfg.rank_min,
+                               rank_max=cfg.rank_max, rank_step=cfg.rank_step, energy=cfg.energy,
+                               refresh_threshold=cfg.refresh_threshold, update_proj_gap=cfg.update_proj_gap,
+                               scale=cfg.scale, second_moment=cfg.second_moment)
+    return AdaRankGrad(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+METHOD = Method("adarankgrad", build, optimizer=optimizer, doc=__doc__)
+
+if __name__ == "__main__":
+    main(METHOD)

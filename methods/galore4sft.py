@@ -1,0 +1,38 @@
+"""GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection (Zhao et al., ICML 2024).
+
+Update rule: full fine-tuning (every weight trainable), but for each target weight matrix W
+(m x n, attention and MLP linears) Adam runs in a rank-r subspace of its gradient G. Every
+``update_proj_gap`` steps P = the top-r singular vectors of G on W's smaller side (left if
+m < n, right otherwise: ``proj_type: std``); between refreshes P is fixed and
+    R = PᵀG (or G·P),   M, V = Adam moments of R,   W -= lr·scale·P·(M̂ / (√V̂ + eps)).
+The moments of W take 2·r·max(m, n) numbers instead of AdamW's 2·m·n (a fraction
+r / min(m, n)), plus P itself (r·min(m, n)); embeddings and norms get plain AdamW (same
+optimizer, a group without projection). Fine-tuning defaults of the paper: rank 4-8, gap 500,
+scale 4 (pre-training: rank 128+, gap 200, scale 0.25).
+Optimizer: galore_torch.GaLoreAdamW (galore-torch 1.0, galore_torch/adamw.py), param groups built by
+stages/core/projection.py ``projection_groups``. The full model is saved after every task.
+"""
+
+from types import SimpleNamespace
+
+from stages.core.config import check_choice
+from stages.core.projection import galore_adamw, projection_groups
+from stages.core.sft import Method, main
+from stages.core.zeroth_order import build_tuned
+
+
+def build(model, cfg, ctx):
+    return build_tuned(model, SimpleNamespace(tuning="full"))
+
+
+def optimizer(model, cfg, ctx):
+    check_choice(cfg, "proj_type", ["std", "reverse_std", "left", "right", "full"])
+    groups = projection_groups(model, cfg.target_modules, cfg.weight_decay, rank=cfg.rank,
+                               update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, proj_type=cfg.proj_type)
+    return galore_adamw()(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, no_deprecation_warning=True)
+
+
+METHOD = Method("galore", build, optimizer=optimizer, doc=__doc__)
+
+if __name__ == "__main__":
+    main(METHOD)
