@@ -1,0 +1,37 @@
+"""CIMEO, supervised fine-tuning form (cimeo4sft.py): cognition-specific sparse continual fine-tuning.
+
+Update rule. Before training, every task c of the sequence gets an index set I_c per target
+weight matrix W (q/k/v/o/gate/up/down projections; never embeddings or the LM head): on the base
+model, forward/backward over the task's training rows batch by batch, count per entry how often
+|∂L/∂W| is in the top `density` fraction of W (strategy max; min: bottom fraction; random: a
+seeded random subset), and keep the `density` fraction of entries counted most often. Tasks are
+then trained in sequence on the full-weight model; while training task c, SparseAdamW updates only
+W[I_c]: g = ∇W[I_c], moments m, v of size |I_c| only, decoupled weight decay and the Adam step on
+W[I_c] alone,
+    W[I_c] ← W[I_c]·(1 − lr·wd) − lr·m̂ / (√v̂ + eps),
+and every other entry of W stays bit for bit as it was. Parameters that are not masked (norms and
+the tied embedding / LM head) are trained with dense AdamW (--dense all, as the authors' code) or
+frozen (--dense norms: only norms dense; --dense none: nothing but the masked entries changes).
+Seed setting: Qwen2.5-1.5B, lr 1e-5 cosine, one epoch per task.
+
+This form: the tokenizer's chat template, user turn = prompt, assistant turn = answer; the loss
+is on the assistant turn only (stages/core/cimeo.py encode_chat). methods/cimeo4pretrain.py is
+the same update on the plain text with the loss on every token.
+
+Masks come from (first found): --masks DIR (written by methods/build_cimeo_masks.py); the
+`cimeo_masks` folder beside the starting model (build_cimeo_masks.py --save_model, run by the
+decompose stage); else they are computed in-process on the base model into the run's work dir
+(--mask_batches, --mask_batch_size). A mask that is missing, or was built for another model or
+with another strategy / density / objective, is refused before training starts.
+
+Memory: the moments hold density x the target weights (plus the dense parameters); gradients are
+still computed densely by autograd. The core's clipping (--max_grad_norm) sees the whole gradient.
+"""
+
+from stages.core.cimeo import make_method
+from stages.core.sft import main
+
+METHOD = make_method("cimeo", "sft", __doc__)
+
+if __name__ == "__main__":
+    main(METHOD)
