@@ -1,0 +1,222 @@
+"""Benchmark (not a test): one optimizer step of every method against its floor and against LoRA.
+
+    python stages/bench.py                       # every method of params.yaml: pipeline + the floors
+    python stages/bench.py --methods lora mezo galore --repeats 7
+
+On one model (params.yaml base_model.path), one batch (the first ``--batch_size`` training rows
+of the sequence's first task, padded to their longest) and one precision for all (``--precision``,
+fp32 by default, so ratios compare algorithms rather than autocast), it measures:
+
+  forward            one forward of the base model, no autograd: the floor of zeroth-order steps
+                     (a ZO step is two of them)
+  forward+backward   forward and backward with every weight requiring grad: the floor of
+                     full-weight first-order steps
+  <method>           one ``train_step`` of the method exactly as its script runs it (its build,
+                     optimizer and step on the shared core)
+
+Each entry runs in its own process (peak resident memory is per process), ``--warmup`` steps
+first, then ``--repeats`` timed steps; the median is reported. Peak memory is the process's peak
+RSS on CPU (``torch.cuda.max_memory_allocated`` on GPU), "state" the optimizer's tensors.
+Writes <out>/bench.md, bench.json and bench.png atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from stages.core.config import OneLineParser, load_params, section  # noqa: E402
+from stages.core.errors import cli_entry, fail  # noqa: E402
+from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOORS = ("forward", "forward+backward")
+ZEROTH_ORDER = {"mezo", "zoadamu"}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def load_method(name: str):
+    script = ROOT / "methods" / f"{name}4sft.py"
+    if not script.is_file():
+        fail(f"method '{name}' has no script {script.relative_to(ROOT)}")
+    sys.path.insert(0, str(script.parent))  # corda_*4sft.py import corda4sft
+    spec = importlib.util.spec_from_file_location(f"{name}4sft", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.METHOD
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One entry, in this process: build it, step it, measure it."""
+    from accelerate import Accelerator
+
+    from stages.core.batches import causal_lm_loss, collate, encode_example, encode_rows
+    from stages.core.models import load_model, load_tokenizer
+    from stages.core.projection import total_state_bytes
+    from stages.core.sft import Context, StepInputs, build_config, count_parameters
+    from stages.core.tasks import load_task
+
+    torch.manual_seed(0)
+    name = args.worker
+    is_floor = name in FLOORS
+    method = None if is_floor else load_method(name)
+    argv = ["--params", args.params or "params.yaml", "--sequence", args.sequence, "--mixed_precision", args.precision,
+            "--batch_size", str(args.batch_size), "--grad_accum", "1"]
+    cfg = build_config(method or load_method("lora"), argv)
+    init = Path("models") / "init" / name / "init.json"  # CorDA starts from its decomposed model
+    base = json.loads(init.read_text())["base_model"] if init.is_file() else cfg.base_model
+    tokenizer = load_tokenizer(base)
+    tasks = [load_task(t, Path(cfg.tasks_dir)) for t in cfg.tasks]
+    encode = method.encode if method else encode_example
+    encoded = [encode_rows(t.train, tokenizer, cfg.max_length, t.name, encode) for t in tasks]
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    batch = {k: v.to(accelerator.device) for k, v in collate(encoded[0][:args.batch_size], tokenizer.pad_token_id).items()}
+    model = load_model(base)
+    state, trainable = 0, 0
+    if name == "forward":
+        model = accelerator.prepare(model).eval()
+
+        def step() -> None:
+            with torch.no_grad():
+                causal_lm_loss(model, batch)
+    elif name == "forward+backward":
+        model.requires_grad_(True)
+        model = accelerator.prepare(model).train()
+
+        def step() -> None:
+            accelerator.backward(causal_lm_loss(model, batch))
+            model.zero_grad(set_to_none=True)
+    else:
+        cfg.base_model = base
+        context = Context(tokenizer, tasks, encoded, Path(args.scratch) / name)
+        model = method.build(model, cfg, context)
+        optimizer = method.optimizer(model, cfg, context)
+        trainable, _ = count_parameters(model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.train()
+
+        def step() -> None:
+            method.train_step(StepInputs(model, [batch], optimizer, accelerator, cfg))
+    times = []
+    for index in range(args.warmup + args.repeats):
+        began = time.perf_counter()
+        step()
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - began)
+    if not is_floor:
+        state = total_state_bytes(optimizer, keys=None)  # every tensor the optimizer keeps
+    return {"entry": name, "step_s": statistics.median(times), "times": times,
+            "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1), "trainable_params": trainable,
+            "optimizer_state_mb": round(state / 2**20, 2), "tokens": int(batch["attention_mask"].sum()),
+            "batch_shape": list(batch["input_ids"].shape), "device": str(accelerator.device),
+            "precision": "fp32" if args.precision == "no" else args.precision}
+
+
+def run_entry(name: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--precision", args.precision, "--sequence", args.sequence,
+               "--batch_size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+               "--scratch", args.scratch] + (["--params", args.params] if args.params else [])
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        fail(f"benchmark of '{name}' failed: {detail}")
+    result = json.loads(lines[-1])
+    print(f"{name:>18}: {result['step_s']:.3f} s/step, peak {result['peak_memory_mb']:.0f} MB", flush=True)
+    return result
+
+
+def report(results: list[dict], out: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {r["entry"]: r for r in results}
+    forward, fwd_bwd, lora = by.get("forward"), by.get("forward+backward"), by.get("lora")
+    header = ["entry", "step (s)", "× forward", "× fwd+bwd", "× LoRA", "peak memory (MB)", "× inference memory",
+              "trainable params", "optimizer state (MB)"]
+    rows = []
+    for r in results:
+        ratio = lambda ref, key="step_s": f"{r[key] / ref[key]:.2f}" if ref else "–"  # noqa: E731
+        rows.append([r["entry"], f"{r['step_s']:.3f}", ratio(forward), ratio(fwd_bwd), ratio(lora),
+                     f"{r['peak_memory_mb']:.0f}", ratio(forward, "peak_memory_mb"),
+                     f"{r['trainable_params']:,}" if r["trainable_params"] else "–",
+                     f"{r['optimizer_state_mb']:.1f}" if r["entry"] not in FLOORS else "–"])
+    first = results[0]
+    lines = ["# Step benchmark", "",
+             f"Generated by `stages/bench.py`: one batch of {first['batch_shape'][0]} rows × {first['batch_shape'][1]} "
+             f"tokens ({first['tokens']} real) of the sequence's first task, {first['precision']}, device {first['device']}, "
+             f"median of {args.repeats} steps after {args.warmup} warm-up, each entry in its own process.",
+             "Zeroth-order steps compare with `forward` (a step is two), full-weight first-order steps with",
+             "`forward+backward`; memory is the process's peak RSS (CPU) or max allocated (GPU).", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(results) + 1.5))
+    names = [r["entry"] for r in results][::-1]
+    axes[0].barh(names, [by[n]["step_s"] / forward["step_s"] if forward else by[n]["step_s"] for n in names], color="tab:blue")
+    axes[0].set_xlabel("step time / one forward" if forward else "step time (s)")
+    axes[1].barh(names, [by[n]["peak_memory_mb"] for n in names], color="tab:orange")
+    axes[1].set_xlabel("peak memory (MB)")
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"One optimizer step, {first['precision']} on {first['device']}")
+    fig.tight_layout()
+    with atomic_dir(out) as tmp:
+        atomic_write_text(tmp / "bench.md", "\n".join(lines) + "\n")
+        atomic_write_json(tmp / "bench.json", {"settings": {k: v for k, v in vars(args).items() if k != "worker"},
+                                               "results": results})
+        fig.savefig(tmp / "bench.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {out / 'bench.md'}")
+
+
+@cli_entry
+def main(argv=None) -> None:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=None, help="default: params.yaml pipeline.methods")
+    parser.add_argument("--params", default=None)
+    parser.add_argument("--sequence", default="default")
+    parser.add_argument("--precision", default="no", choices=["no", "bf16"], help="mixed precision for every entry")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--scratch", default="checkpoints/bench", help="work folder for methods that write calibration files")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
+        fail(f"--repeats {args.repeats} / --warmup {args.warmup} / --batch_size {args.batch_size}: expected >= 1, >= 0, >= 1")
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    methods = args.methods or section(load_params(args.params), "pipeline", "methods")
+    missing = [m for m in methods if not (ROOT / "methods" / f"{m}4sft.py").is_file()]
+    if missing:
+        fail(f"method '{missing[0]}' has no script methods/{missing[0]}4sft.py")
+    entries = list(FLOORS) + ["lora"] + [m for m in methods if m != "lora"]
+    results = [run_entry(name, args) for name in entries]
+    report(results, Path(args.out), args)
+
+
+if __name__ == "__main__":
+    main()

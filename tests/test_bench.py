@@ -1,0 +1,34 @@
+"""The step benchmark (stages/bench.py) runs every entry in its own process and reports ratios to
+the floors and to LoRA; here on the tiny model, one timed step each (the numbers are not checked,
+only that each entry was really built and stepped)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import LORA, check, run_script, tiny_params, write_params
+
+MEZO = dict(LORA, tuning="full", zo_eps=1e-3, lr=1e-4, lora_dropout=0.0)
+
+
+def test_bench_reports_floors_lora_and_methods(project, script_env, tmp_path):
+    write_params(project / "params_bench.yaml", tiny_params(methods={"lora": dict(LORA), "mezo": MEZO}))
+    out = tmp_path / "bench"
+    check(run_script("stages/bench.py", "--params", "params_bench.yaml", "--methods", "lora", "mezo",
+                     "--repeats", "1", "--warmup", "0", "--batch_size", "4", "--out", str(out),
+                     "--scratch", str(tmp_path / "scratch"), cwd=project, env=script_env))
+    results = {r["entry"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
+    assert list(results) == ["forward", "forward+backward", "lora", "mezo"]
+    assert all(r["step_s"] > 0 and r["peak_memory_mb"] > 0 for r in results.values())
+    assert results["mezo"]["optimizer_state_mb"] == 0  # z is regenerated, never stored
+    assert results["lora"]["optimizer_state_mb"] > 0 and 0 < results["lora"]["trainable_params"] < results["mezo"]["trainable_params"]
+    table = (out / "bench.md").read_text()
+    assert "| mezo |" in table and "× LoRA" in table
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_an_unknown_method(project, script_env, tmp_path):
+    proc = run_script("stages/bench.py", "--methods", "nosuch", "--repeats", "1", "--out", str(tmp_path / "b"),
+                      cwd=project, env=script_env)
+    assert proc.returncode == 2 and "error: method 'nosuch' has no script" in proc.stderr
+    assert not (tmp_path / "b").exists()
