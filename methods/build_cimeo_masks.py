@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from stages.core import cimeo  # noqa: E402
 from stages.core.batches import encode_rows  # noqa: E402
-from stages.core.config import OneLineParser, load_params, section  # noqa: E402
+from stages.core.config import OneLineParser, load_params, section, sequence_tasks  # noqa: E402
 from stages.core.errors import cli_entry, fail  # noqa: E402
 from stages.core.io import atomic_dir  # noqa: E402
 from stages.core.models import load_model, load_tokenizer  # noqa: E402
@@ -97,7 +97,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.model_id is None:
         args.model_id = section(params, "base_model", "path")
     if args.sequence:
-        args.tasks = list(dict.fromkeys(task for name in args.sequence for task in section(params, "sequences", name)))
+        args.tasks = list(dict.fromkeys(task for name in args.sequence for task in sequence_tasks(params, name)))
     if not args.tasks:
         fail("give --sequence NAME or --tasks TASK ...")
     return args

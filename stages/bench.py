@@ -84,7 +84,7 @@ def worker(args: argparse.Namespace) -> dict:
     base = json.loads(init.read_text())["base_model"] if init.is_file() else cfg.base_model
     tokenizer = load_tokenizer(base)
     tasks = [load_task(t, Path(cfg.tasks_dir)) for t in cfg.tasks]
-    encode = method.encode if method else encode_example
+    encode = (method.encode if method else None) or encode_example
     encoded = [encode_rows(t.train, tokenizer, cfg.max_length, t.name, encode) for t in tasks]
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     batch = {k: v.to(accelerator.device) for k, v in collate(encoded[0][:args.batch_size], tokenizer.pad_token_id).items()}

@@ -2,19 +2,22 @@
 
     python stages/evaluate.py --model merged/lora-default --sequence default --out results/rows/lora-default/eval.json
 The folder is loaded once, with a clear error if it is missing or corrupt, and handed to
-lm-eval's HF model wrapper.
+lm-eval's HF model wrapper. Prompts go through the tokenizer's chat template when the model was
+trained that way (its prompt_format.json, written by stages/merge.py), else when the sequence sets
+chat_template (the base model on the cognition sequence); --chat_template / --no-chat_template win.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.core.config import OneLineParser, load_params, section  # noqa: E402
+from stages.core.config import OneLineParser, load_params, sequence_settings, sequence_tasks  # noqa: E402
 from stages.core.errors import cli_entry  # noqa: E402
-from stages.core.evaluation import Evaluator  # noqa: E402
+from stages.core.evaluation import PROMPT_FORMAT_FILE, Evaluator  # noqa: E402
 from stages.core.io import atomic_write_json  # noqa: E402
 from stages.core.models import load_model, load_tokenizer  # noqa: E402
 
@@ -28,16 +31,22 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default=None)
     parser.add_argument("--tasks_dir", default="data/tasks")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N test rows (0: all)")
+    parser.add_argument("--chat_template", action=argparse.BooleanOptionalAction, default=None,
+                        help="prompt through the chat template (default: as the model was trained, else the sequence's setting)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    tasks = section(params, "sequences", args.sequence)
-    train = params.get("train", {})
+    tasks = sequence_tasks(params, args.sequence)
+    train = {**params.get("train", {}), **sequence_settings(params, args.sequence)}
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    chat = args.chat_template
+    if chat is None:
+        trained_as = Path(args.model) / PROMPT_FORMAT_FILE
+        chat = json.loads(trained_as.read_text())["chat_template"] if trained_as.is_file() else train.get("chat_template", False)
     evaluator = Evaluator(tasks, args.tasks_dir, train.get("eval_batch_size", 32),
-                          max_length=train.get("max_length", 480) + 32, limit=args.limit or None)
+                          max_length=train.get("max_length", 480) + 32, limit=args.limit or None, chat_template=bool(chat))
     began = time.perf_counter()
     scores = evaluator.score(model, tokenizer)
-    atomic_write_json(args.out, {"model": args.model, "sequence": args.sequence, "scores": scores,
+    atomic_write_json(args.out, {"model": args.model, "sequence": args.sequence, "chat_template": bool(chat), "scores": scores,
                                  "eval_seconds": round(time.perf_counter() - began, 1)})
     print(", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 

@@ -6,7 +6,9 @@ or, for a run folder written by a method script (its base model is read from tra
 so CorDA merges onto its decomposed model):
     python stages/merge.py --run runs/lora-default --output_path merged/lora-default
 The merged model's logits equal those of base + adapter (checked by the tests). A folder of full
-weights (a method that trains the base model itself) is copied as it is.
+weights (a method that trains the base model itself) is copied as it is. With --run, the merged
+folder also gets prompt_format.json (whether the run trained through the chat template), so
+stages/evaluate.py prompts the model the way it was trained.
 """
 
 import argparse
@@ -18,11 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.core.config import OneLineParser  # noqa: E402
 from stages.core.errors import cli_entry, fail  # noqa: E402
-from stages.core.io import atomic_dir, read_json  # noqa: E402
+from stages.core.evaluation import PROMPT_FORMAT_FILE  # noqa: E402
+from stages.core.io import atomic_dir, atomic_write_json, read_json  # noqa: E402
 from stages.core.models import copy_tokenizer, load_model  # noqa: E402
 
 
-def merge(base_model: str, adapter: str, output_path: str, dtype: str = "float32") -> Path:
+def merge(base_model: str, adapter: str, output_path: str, dtype: str = "float32",
+          chat_template: bool | None = None) -> Path:
     from peft import PeftModel
 
     adapter_dir = Path(adapter)
@@ -40,6 +44,8 @@ def merge(base_model: str, adapter: str, output_path: str, dtype: str = "float32
         else:
             fail(f"'{adapter}' holds neither adapter_config.json nor config.json: expected a saved adapter or model")
         copy_tokenizer(base_model, tmp)
+        if chat_template is not None:
+            atomic_write_json(tmp / PROMPT_FORMAT_FILE, {"chat_template": chat_template})
     return Path(output_path)
 
 
@@ -52,15 +58,18 @@ def main(argv=None) -> None:
     parser.add_argument("--output_path", required=True, help="where to write the merged model")
     parser.add_argument("--dtype", default="float32", help="dtype to merge and save in")
     args = parser.parse_args(argv)
+    chat_template = None
     if args.run:
         config = Path(args.run) / "train_config.json"
         if not config.is_file():
             fail(f"--run '{args.run}' has no train_config.json: expected a folder written by a method script")
-        args.base_model = args.base_model or read_json(config)["base_model"]
+        run_config = read_json(config)
+        args.base_model = args.base_model or run_config["base_model"]
         args.adapter = args.adapter or str(Path(args.run) / "final")
+        chat_template = bool(run_config.get("chat_template", False))
     if not (args.base_model and args.adapter):
         fail("give --run, or both --base_model and --adapter")
-    print(f"merged model written to {merge(args.base_model, args.adapter, args.output_path, args.dtype)}")
+    print(f"merged model written to {merge(args.base_model, args.adapter, args.output_path, args.dtype, chat_template)}")
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def test_builder_rejects_bad_values_in_one_line(flag, value, message, project, t
 
 @pytest.fixture(scope="module")
 def cimeo_project(project):
-    methods = {"cimeo": dict(TINY_CIMEO), "cimeo_pretrain": dict(TINY_CIMEO, dense="all")}
+    methods = {"cimeo": dict(TINY_CIMEO, chat_template=True), "cimeo_pretrain": dict(TINY_CIMEO, dense="all")}
     write_params(project / "params_cimeo.yaml", tiny_params(methods=methods, sequences={"default": ["mc", "gen"]}))
     return project
 
@@ -297,6 +297,14 @@ def test_trainer_learns_on_the_mask_and_nowhere_else(name, extra, cimeo_project,
         assert changed == (trainer.cfg.dense == "all")
     # The two tasks' masks are different sets.
     assert cimeo.overall_overlap(cimeo.load_task_masks(folder, "mc"), cimeo.load_task_masks(folder, "gen")) < 0.9
+
+
+def test_cimeo_forms_refuse_the_other_prompt_format(cimeo_project, built_masks, monkeypatch):
+    """The SFT form trains through the chat template, the pretraining form on plain text."""
+    with pytest.raises(AdaptlabError, match="does not fit CIMEO's sft form"):
+        trainer_for("cimeo", cimeo_project, monkeypatch, "--no-chat_template")
+    with pytest.raises(AdaptlabError, match="does not fit CIMEO's pretrain form"):
+        trainer_for("cimeo_pretrain", cimeo_project, monkeypatch, "--chat_template")
 
 
 def test_trainer_refuses_masks_of_another_objective(cimeo_project, built_masks, monkeypatch):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import LORA, ROOT, logits, probe_batch, tiny_params, write_params
+from conftest import LORA, ROOT, TRAIN, logits, probe_batch, tiny_params, write_params
 from stages.core.batches import response_loss
+from stages.core.errors import AdaptlabError
 from stages.core.models import load_model
 from stages.core.sft import Trainer, build_config
 
@@ -191,3 +194,52 @@ def copy_without_autocast(model):
     clone.__dict__.pop("forward", None)
     clone.__dict__.pop("_original_forward", None)
     return clone
+
+
+# ----------------------------------------------------------------------------- sequence settings, chat template
+
+def sequence_params(project: Path, sequence) -> str:
+    params = tiny_params(methods={"lora": dict(LORA, target_modules=TARGETS), "pissa": dict(TINY_METHODS["pissa"], lr=1e-3)},
+                         sequences={"default": ["mc", "gen"], "s": sequence})
+    write_params(project / "params_sequence.yaml", params)
+    return "params_sequence.yaml"
+
+
+def test_a_sequence_mapping_sets_its_tasks_and_settings_and_a_method_section_wins(methods_project, monkeypatch):
+    monkeypatch.chdir(methods_project)
+    params = sequence_params(methods_project, {"tasks": ["gen", "mc"], "steps_per_task": 3, "lr": 5e-3})
+    lora = build_config(load_method("lora"), ["--params", params, "--sequence", "s"])
+    assert (lora.tasks, lora.steps_per_task, lora.lr) == (["gen", "mc"], 3, 5e-3)
+    assert build_config(load_method("pissa"), ["--params", params, "--sequence", "s"]).lr == 1e-3  # methods.pissa.lr
+    assert build_config(load_method("lora"), ["--params", params, "--sequence", "s", "--lr", "7e-3"]).lr == 7e-3
+    assert build_config(load_method("lora"), ["--params", params, "--sequence", "default"]).steps_per_task == TRAIN["steps_per_task"]
+
+
+@pytest.mark.parametrize("sequence, message", [
+    ({"tasks": ["mc"], "stepz_per_task": 3}, "sequences.s sets stepz_per_task: expected 'tasks' and keys of train:"),
+    ({"steps_per_task": 3}, "sequences.s must be a non-empty list of task names or a mapping with 'tasks:'"),
+    ([], "sequences.s must be a non-empty list"),
+])
+def test_a_bad_sequence_is_one_clear_error(sequence, message, methods_project, monkeypatch):
+    monkeypatch.chdir(methods_project)
+    params = sequence_params(methods_project, sequence)
+    with pytest.raises(AdaptlabError, match=re.escape(message)):
+        build_config(load_method("lora"), ["--params", params, "--sequence", "s"])
+
+
+def test_chat_template_trains_on_the_assistant_turn_and_scores_through_the_template(methods_project, monkeypatch):
+    """--chat_template: rows go through the tokenizer's chat template, the loss sees only the
+    assistant turn (answer + end of turn), and the evaluator prompts the same way."""
+    monkeypatch.chdir(methods_project)
+    cfg = build_config(load_method("lora"), ["--params", "params_methods.yaml", "--sequence", "one", "--chat_template",
+                                             "--steps_per_task", "2", "--eval_limit", "2", "--output_dir", "runs/chat",
+                                             "--results_dir", "results/train/chat", "--work_dir", "checkpoints/chat"])
+    trainer = Trainer(load_method("lora"), cfg)
+    row, example = trainer.tasks[0].train[0], trainer.encoded[0][0]
+    text = trainer.tokenizer.decode(example["input_ids"])
+    learned = trainer.tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+    assert "<|im_start|>user" in text and row["prompt"] in text
+    assert learned == row["answer"] + trainer.tokenizer.eos_token
+    assert trainer.evaluator.chat_template
+    trainer.run()
+    assert json.loads((methods_project / "runs" / "chat" / "train_config.json").read_text())["chat_template"] is True

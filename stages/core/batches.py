@@ -105,3 +105,32 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     targets = labels[:, positions + 1]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                              ignore_index=IGNORE_INDEX)
+
+
+def encode_chat(row: dict, tokenizer, max_length: int, where: str = "") -> dict:
+    """Chat-template SFT: user turn = prompt, assistant turn = answer, rendered by the tokenizer's
+    own chat template (SmolLM2's adds its default system turn). Labels cover the assistant turn
+    (answer + end-of-turn token) only; what the template writes after the end-of-turn token (a
+    newline) is dropped. Too long a prompt is cut from the left so the answer always survives."""
+    if not getattr(tokenizer, "chat_template", None):
+        fail(f"{where or 'example'}: the tokenizer has no chat template; chat-template training "
+             "needs one (train with --no-chat_template)")
+    user = [{"role": "user", "content": row["prompt"]}]
+    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["answer"]}], tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if full_ids[:len(prompt_ids)] != prompt_ids:
+        fail(f"{where or 'example'}: the chat template's assistant turn does not extend its generation prompt")
+    eos = tokenizer.eos_token_id
+    ends = [i for i in range(len(prompt_ids), len(full_ids)) if full_ids[i] == eos]
+    if ends:
+        full_ids = full_ids[:ends[-1] + 1]
+    else:  # a template whose end-of-turn is not the EOS token: close the answer with EOS
+        full_ids = full_ids + [eos]
+    answer_len = len(full_ids) - len(prompt_ids)
+    if answer_len >= max_length:
+        fail(f"{where or 'example'}: answer is {answer_len} tokens, longer than max_length {max_length}")
+    overflow = max(0, len(full_ids) - max_length)
+    return {"input_ids": full_ids[overflow:],
+            "labels": [IGNORE_INDEX] * (len(prompt_ids) - overflow) + full_ids[len(prompt_ids):]}

@@ -29,7 +29,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .batches import IGNORE_INDEX, causal_lm_loss, collate
+from .batches import causal_lm_loss, collate, encode_chat
 from .errors import fail
 from .io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 
@@ -52,35 +52,6 @@ def encode_pretrain(row: dict, tokenizer, max_length: int, where: str = "") -> d
     if len(ids) < 2:
         fail(f"{where or 'example'}: fewer than 2 tokens to learn from")
     return {"input_ids": ids, "labels": list(ids)}
-
-
-def encode_chat(row: dict, tokenizer, max_length: int, where: str = "") -> dict:
-    """Chat-template SFT: user turn = prompt, assistant turn = answer, rendered by the tokenizer's
-    own chat template (SmolLM2's adds its default system turn). Labels cover the assistant turn
-    (answer + end-of-turn token) only; what the template writes after the end-of-turn token (a
-    newline) is dropped. Too long a prompt is cut from the left so the answer always survives."""
-    if not getattr(tokenizer, "chat_template", None):
-        fail(f"{where or 'example'}: the tokenizer has no chat template; CIMEO's SFT form needs one "
-             "(use methods/cimeo4pretrain.py for plain text)")
-    user = [{"role": "user", "content": row["prompt"]}]
-    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["answer"]}], tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    if full_ids[:len(prompt_ids)] != prompt_ids:
-        fail(f"{where or 'example'}: the chat template's assistant turn does not extend its generation prompt")
-    eos = tokenizer.eos_token_id
-    ends = [i for i in range(len(prompt_ids), len(full_ids)) if full_ids[i] == eos]
-    if ends:
-        full_ids = full_ids[:ends[-1] + 1]
-    else:  # a template whose end-of-turn is not the EOS token: close the answer with EOS
-        full_ids = full_ids + [eos]
-    answer_len = len(full_ids) - len(prompt_ids)
-    if answer_len >= max_length:
-        fail(f"{where or 'example'}: answer is {answer_len} tokens, longer than max_length {max_length}")
-    overflow = max(0, len(full_ids) - max_length)
-    return {"input_ids": full_ids[overflow:],
-            "labels": [IGNORE_INDEX] * (len(prompt_ids) - overflow) + full_ids[len(prompt_ids):]}
 
 
 ENCODERS = {"sft": encode_chat, "pretrain": encode_pretrain}
@@ -479,6 +450,9 @@ def build(model: torch.nn.Module, cfg, ctx, objective: str) -> torch.nn.Module:
     from accelerate import PartialState
 
     check_method_settings(cfg)
+    if bool(getattr(cfg, "chat_template", objective == "sft")) != (objective == "sft"):
+        fail(f"--chat_template {getattr(cfg, 'chat_template', None)} does not fit CIMEO's {objective} form: the SFT form "
+             "(cimeo4sft.py) trains through the chat template, the pretraining form (cimeo4pretrain.py) on plain text")
     weights = target_weights(model, cfg.target_modules)
     fingerprint = model_fingerprint(model, cfg.target_modules)
     tasks = [t.name for t in ctx.tasks]

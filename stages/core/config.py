@@ -101,3 +101,19 @@ def check_choice(cfg: SimpleNamespace, name: str, choices: Sequence[str]) -> Non
     value = getattr(cfg, name)
     if value not in choices:
         fail(f"--{name} '{value}' is not valid: expected one of {', '.join(choices)}")
+
+
+def sequence_tasks(params: dict, name: str) -> list[str]:
+    """The tasks of sequence ``name``: params sequences.<name> is a list of tasks, or a mapping
+    with ``tasks:`` and training settings shared by every method on the sequence."""
+    value = section(params, "sequences", name)
+    tasks = value.get("tasks") if isinstance(value, dict) else value
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        fail(f"sequences.{name} must be a non-empty list of task names or a mapping with 'tasks:', got {value!r}")
+    return list(tasks)
+
+
+def sequence_settings(params: dict, name: str) -> dict:
+    """The training settings sequences.<name> sets for every method on it ({} for a plain list)."""
+    value = section(params, "sequences", name)
+    return {k: v for k, v in value.items() if k != "tasks"} if isinstance(value, dict) else {}

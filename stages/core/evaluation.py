@@ -17,6 +17,9 @@ import yaml
 
 from .errors import fail
 
+# A trained model folder records how its prompts must be written (stages/merge.py writes it).
+PROMPT_FORMAT_FILE = "prompt_format.json"
+
 # The score each kind of task reports: lm-eval's metric key in its results dict.
 PRIMARY_METRIC = {"multiple_choice": "acc,none", "generate": "exact_match,strip"}
 
@@ -62,14 +65,18 @@ def lm_eval_task_config(name: str, task_dir: Path, kind: str) -> dict:
 
 
 class Evaluator:
-    """Scores models on a fixed list of tasks; reuse one instance for a whole sequence."""
+    """Scores models on a fixed list of tasks; reuse one instance for a whole sequence.
+    ``chat_template``: each prompt is the user turn of the tokenizer's chat template, the choice or
+    generation the assistant turn (lm-eval's apply_chat_template), as chat-trained models saw them."""
 
     def __init__(self, task_names: list[str], tasks_dir: str | Path = "data/tasks",
-                 batch_size: int = 32, max_length: int = 512, limit: int | None = None):
+                 batch_size: int = 32, max_length: int = 512, limit: int | None = None,
+                 chat_template: bool = False):
         import datasets
         from lm_eval.tasks import TaskManager  # lm-eval is slow to import; only evaluators need it
 
         self.task_names, self.batch_size, self.max_length, self.limit = list(task_names), batch_size, max_length, limit
+        self.chat_template = chat_template
         self.kinds: dict[str, str] = {}
         self._yaml_dir = tempfile.TemporaryDirectory(prefix="adaptlab-lm-eval-")
         for name in self.task_names:
@@ -91,6 +98,7 @@ class Evaluator:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[f"adaptlab_{n}" for n in self.task_names], task_manager=self.task_manager,
             limit=self.limit, log_samples=False, verbosity="ERROR", bootstrap_iters=0,
+            apply_chat_template=self.chat_template,
         )["results"]
         return {n: float(results[f"adaptlab_{n}"][PRIMARY_METRIC[self.kinds[n]]]) for n in self.task_names}
 
@@ -98,6 +106,8 @@ class Evaluator:
         """Score an in-memory transformers model (eval mode, no gradients)."""
         from lm_eval.models.huggingface import HFLM
 
+        if self.chat_template and not getattr(tokenizer, "chat_template", None):
+            fail("chat_template is set but the tokenizer has no chat template: score with --no-chat_template")
         was_training = model.training
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_length=self.max_length)
         try:

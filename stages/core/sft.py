@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from . import config as cfglib
-from .batches import batch_order, causal_lm_loss, collate, encode_example, encode_rows
+from .batches import batch_order, causal_lm_loss, collate, encode_chat, encode_example, encode_rows
 from .continual import average_performance, backward_transfer
 from .errors import cli_entry, fail
 from .evaluation import Evaluator
@@ -116,14 +116,15 @@ class Method:
     train (e.g. a peft model); ``optimizer(model, cfg, ctx)`` builds its optimizer for task
     ``ctx.task_index`` (AdamW by default); ``train_step`` turns one batch into one update
     (forward/backward/step by default); ``encode`` turns a task row into input ids and labels
-    (prompt masked, response learned by default)."""
+    (None: the core's, prompt masked and response learned, through the chat template when
+    ``--chat_template``)."""
 
     name: str
     build: BuildFn
     optimizer: OptimizerFn = adamw
     train_step: Callable[[StepInputs], float] = first_order_step  # zeroth-order methods replace it
     doc: str = ""
-    encode: Callable[..., dict] = encode_example
+    encode: Callable[..., dict] | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -155,11 +156,17 @@ def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNam
     }
     parser = cfglib.OneLineParser(prog=f"{method.name}4sft.py", description=method.doc,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    train = {"mixed_precision": "no", **params.get("train", {})}
-    # A method's section overrides the shared training settings (PiSSA's smaller lr, MeZO's steps).
+    train = {"mixed_precision": "no", "chat_template": False, **params.get("train", {})}
+    # A sequence's settings override the shared ones for every method on it (the cognition
+    # sequence's one epoch per task); a method's section overrides both (PiSSA's lr, MeZO's steps).
+    on_sequence = cfglib.sequence_settings(params, known.sequence)
+    unknown = sorted(set(on_sequence) - set(train))
+    if unknown:
+        fail(f"sequences.{known.sequence} sets {', '.join(unknown)}: expected 'tasks' and keys of train: ({', '.join(train)})")
+    train |= on_sequence
     cfglib.add_flags(parser, run_defaults, "run")
     cfglib.add_flags(parser, {k: method_params.get(k, v) for k, v in train.items()},
-                     f"training (params.yaml: train, overridden by methods.{method.name})")
+                     f"training (params.yaml: train, overridden by sequences.{known.sequence} and methods.{method.name})")
     cfglib.add_flags(parser, {k: v for k, v in method_params.items() if k not in train},
                      f"method (params.yaml: methods.{method.name})")
     cfg = cfglib.parse(parser, argv)
@@ -170,7 +177,7 @@ def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNam
         if not init_file.is_file():
             fail(f"--init '{cfg.init}' has no init.json: expected a folder written by stages/decompose.py")
         cfg.base_model = read_json(init_file)["base_model"]
-    cfg.tasks = list(cfglib.section(params, "sequences", cfg.sequence))
+    cfg.tasks = cfglib.sequence_tasks(params, cfg.sequence)
     cfglib.check_positive(cfg, "lr", "batch_size", "grad_accum", "steps_per_task", "max_length", "checkpoint_every", "log_every")
     cfglib.check_choice(cfg, "scheduler", ["cosine", "linear", "constant", "constant_with_warmup"])
     cfglib.check_choice(cfg, "mixed_precision", ["no", "bf16", "fp16"])
@@ -310,7 +317,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.base_model)
         self.tasks = [load_task(name, Path(cfg.tasks_dir)) for name in cfg.tasks]
-        self.encoded = [encode_rows(t.train, self.tokenizer, cfg.max_length, t.name, method.encode) for t in self.tasks]
+        encode = method.encode or (encode_chat if cfg.chat_template else encode_example)
+        self.encoded = [encode_rows(t.train, self.tokenizer, cfg.max_length, t.name, encode) for t in self.tasks]
         self.work = WorkDir(cfg.work_dir, fingerprint(cfg), self.accelerator.is_main_process)
         self.context = Context(self.tokenizer, self.tasks, self.encoded, self.work.root)
         model = method.build(load_model(cfg.base_model), cfg, self.context)
@@ -327,7 +335,8 @@ class Trainer:
                 model.save_pretrained(self.initial_adapter)
         self.model = self.accelerator.prepare(model)
         self.evaluator = Evaluator(cfg.tasks, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
-                                   limit=cfg.eval_limit or None) if self.accelerator.is_main_process else None
+                                   limit=cfg.eval_limit or None, chat_template=cfg.chat_template,
+                                   ) if self.accelerator.is_main_process else None
 
     @property
     def unwrapped(self) -> torch.nn.Module:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from stages.core.errors import fail
+from stages.core.config import sequence_tasks
 from stages.core.io import read_json
 
 TASKS_DIR = Path("data/tasks")
@@ -175,11 +176,9 @@ def task_specs(params: Mapping, names: Sequence[str] | None = None) -> dict[str,
     expected = ", ".join(tasks)
     sequences = params.get("sequences") or {}
     if not isinstance(sequences, dict):
-        fail("params: 'sequences' must map sequence names to lists of tasks")
-    for sequence, members in sequences.items():
-        if not isinstance(members, list) or not members:
-            fail(f"params: sequence '{sequence}' must be a non-empty list of tasks, got {members!r}")
-        for member in members:
+        fail("params: 'sequences' must map sequence names to lists of tasks (or to {tasks: [...], settings})")
+    for sequence in sequences:
+        for member in sequence_tasks(dict(params), sequence):
             if member not in tasks:
                 fail(f"sequence '{sequence}' names unknown task '{member}': expected one of {expected}")
     for name in names or ():
