@@ -13,6 +13,10 @@ fp32 by default, so ratios compare algorithms rather than autocast), it measures
                      full-weight first-order steps
   <method>           one ``train_step`` of the method exactly as its script runs it (its build,
                      optimizer and step on the shared core)
+  peft+Trainer       the peer: the same LoRA (params.yaml methods.lora) and batch through plain
+                     peft + transformers ``Trainer`` (AdamW, same lr, clipping and precision), what
+                     users would otherwise write; a step is timed from Trainer's step-begin to
+                     step-end callbacks, so it includes its data loading, clipping and scheduler
 
 Each entry runs in its own process (peak resident memory is per process), ``--warmup`` steps
 first, then ``--repeats`` timed steps; the median is reported. Peak memory is the process's peak
@@ -41,6 +45,7 @@ from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text  # n
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ("forward", "forward+backward")
+PEER = "peft+Trainer"
 ZEROTH_ORDER = {"mezo", "zoadamu"}
 
 
@@ -63,6 +68,45 @@ def load_method(name: str):
     return module.METHOD
 
 
+def peer_step_times(model, batch: dict, cfg, args: argparse.Namespace) -> tuple[list[float], torch.optim.Optimizer]:
+    """LoRA through peft + transformers Trainer on ``batch`` repeated: per-step wall times (after
+    warm-up) from Trainer's own step callbacks, and its optimizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class SameBatch(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return (args.warmup + args.repeats) * args.batch_size
+
+        def __getitem__(self, index: int) -> dict:
+            return {k: v[index % args.batch_size] for k, v in batch.items()}
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, *_, **__) -> None:
+            self.began = time.perf_counter()
+
+        def on_step_end(self, *_, **__) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.began)
+
+    model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                             target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+    clock = StepClock()
+    training = TrainingArguments(
+        output_dir=str(Path(args.scratch) / PEER), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.repeats,
+        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type=cfg.scheduler,
+        bf16=args.precision == "bf16", use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0)
+    trainer = Trainer(model=model, args=training, train_dataset=SameBatch(), callbacks=[clock],
+                      data_collator=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+    trainer.train()
+    return clock.times[args.warmup:], trainer.optimizer
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One entry, in this process: build it, step it, measure it."""
     from accelerate import Accelerator
@@ -76,7 +120,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     name = args.worker
     is_floor = name in FLOORS
-    method = None if is_floor else load_method(name)
+    method = None if is_floor or name == PEER else load_method(name)
     argv = ["--params", args.params or "params.yaml", "--sequence", args.sequence, "--mixed_precision", args.precision,
             "--batch_size", str(args.batch_size), "--grad_accum", "1"]
     cfg = build_config(method or load_method("lora"), argv)
@@ -89,8 +133,13 @@ def worker(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     batch = {k: v.to(accelerator.device) for k, v in collate(encoded[0][:args.batch_size], tokenizer.pad_token_id).items()}
     model = load_model(base)
-    state, trainable = 0, 0
-    if name == "forward":
+    state, trainable, times = 0, 0, []
+    if name == PEER:
+        batch = {k: v.cpu() for k, v in batch.items()}  # Trainer moves each batch itself
+        model.train()
+        times, optimizer = peer_step_times(model, batch, cfg, args)
+        trainable = count_parameters(model)[0]
+    elif name == "forward":
         model = accelerator.prepare(model).eval()
 
         def step() -> None:
@@ -114,8 +163,7 @@ def worker(args: argparse.Namespace) -> dict:
 
         def step() -> None:
             method.train_step(StepInputs(model, [batch], optimizer, accelerator, cfg))
-    times = []
-    for index in range(args.warmup + args.repeats):
+    for index in range(0 if name == PEER else args.warmup + args.repeats):
         began = time.perf_counter()
         step()
         if accelerator.device.type == "cuda":
@@ -152,13 +200,13 @@ def report(results: list[dict], out: Path, args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     by = {r["entry"]: r for r in results}
-    forward, fwd_bwd, lora = by.get("forward"), by.get("forward+backward"), by.get("lora")
-    header = ["entry", "step (s)", "× forward", "× fwd+bwd", "× LoRA", "peak memory (MB)", "× inference memory",
-              "trainable params", "optimizer state (MB)"]
+    forward, fwd_bwd, lora, peer = by.get("forward"), by.get("forward+backward"), by.get("lora"), by.get(PEER)
+    header = ["entry", "step (s)", "× forward", "× fwd+bwd", "× LoRA", "× peft+Trainer", "peak memory (MB)",
+              "× inference memory", "trainable params", "optimizer state (MB)"]
     rows = []
     for r in results:
         ratio = lambda ref, key="step_s": f"{r[key] / ref[key]:.2f}" if ref else "–"  # noqa: E731
-        rows.append([r["entry"], f"{r['step_s']:.3f}", ratio(forward), ratio(fwd_bwd), ratio(lora),
+        rows.append([r["entry"], f"{r['step_s']:.3f}", ratio(forward), ratio(fwd_bwd), ratio(lora), ratio(peer),
                      f"{r['peak_memory_mb']:.0f}", ratio(forward, "peak_memory_mb"),
                      f"{r['trainable_params']:,}" if r["trainable_params"] else "–",
                      f"{r['optimizer_state_mb']:.1f}" if r["entry"] not in FLOORS else "–"])
@@ -213,7 +261,7 @@ def main(argv=None) -> None:
     missing = [m for m in methods if not (ROOT / "methods" / f"{m}4sft.py").is_file()]
     if missing:
         fail(f"method '{missing[0]}' has no script methods/{missing[0]}4sft.py")
-    entries = list(FLOORS) + ["lora"] + [m for m in methods if m != "lora"]
+    entries = list(FLOORS) + [PEER, "lora"] + [m for m in methods if m != "lora"]
     results = [run_entry(name, args) for name in entries]
     report(results, Path(args.out), args)
 

@@ -1,5 +1,5 @@
 """The step benchmark (stages/bench.py) runs every entry in its own process and reports ratios to
-the floors and to LoRA; here on the tiny model, one timed step each (the numbers are not checked,
+the floors, to LoRA and to the peft + Trainer peer; here on the tiny model, one timed step each (the numbers are not checked,
 only that each entry was really built and stepped)."""
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ def test_bench_reports_floors_lora_and_methods(project, script_env, tmp_path):
                      "--repeats", "1", "--warmup", "0", "--batch_size", "4", "--out", str(out),
                      "--scratch", str(tmp_path / "scratch"), cwd=project, env=script_env))
     results = {r["entry"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
-    assert list(results) == ["forward", "forward+backward", "lora", "mezo"]
+    assert list(results) == ["forward", "forward+backward", "peft+Trainer", "lora", "mezo"]
     assert all(r["step_s"] > 0 and r["peak_memory_mb"] > 0 for r in results.values())
     assert results["mezo"]["optimizer_state_mb"] == 0  # z is regenerated, never stored
     assert results["lora"]["optimizer_state_mb"] > 0 and 0 < results["lora"]["trainable_params"] < results["mezo"]["trainable_params"]
+    # the peer trains the same LoRA: same trainable parameters, same AdamW state (m and v)
+    assert results["peft+Trainer"]["trainable_params"] == results["lora"]["trainable_params"]
+    assert results["peft+Trainer"]["optimizer_state_mb"] >= results["lora"]["optimizer_state_mb"] * 0.99
     table = (out / "bench.md").read_text()
-    assert "| mezo |" in table and "× LoRA" in table
+    assert "| mezo |" in table and "× LoRA" in table and "× peft+Trainer" in table
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
