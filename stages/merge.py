@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.core.config import OneLineParser  # noqa: E402
+from stages.core.adapters import is_saved_adapter, merge_saved  # noqa: E402
 from stages.core.errors import cli_entry, fail  # noqa: E402
 from stages.core.evaluation import PROMPT_FORMAT_FILE  # noqa: E402
 from stages.core.io import atomic_dir, atomic_write_json, read_json  # noqa: E402
@@ -39,10 +40,12 @@ def merge(base_model: str, adapter: str, output_path: str, dtype: str = "float32
             except (OSError, ValueError, RuntimeError) as err:
                 fail(f"cannot load adapter '{adapter}': {str(err).splitlines()[0]}")
             model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        elif is_saved_adapter(adapter_dir):  # an adapter no library carries (stages/core/adapters.py)
+            merge_saved(load_model(base_model, dtype), adapter_dir).save_pretrained(tmp, safe_serialization=True)
         elif (adapter_dir / "config.json").is_file():
             shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
         else:
-            fail(f"'{adapter}' holds neither adapter_config.json nor config.json: expected a saved adapter or model")
+            fail(f"'{adapter}' holds neither adapter_config.json, adaptlab_adapter.json nor config.json: expected a saved adapter or model")
         copy_tokenizer(base_model, tmp)
         if chat_template is not None:
             atomic_write_json(tmp / PROMPT_FORMAT_FILE, {"chat_template": chat_template})
