@@ -7,12 +7,19 @@ and that module implements
   attach(model, config) -> model       add the (untrained) adapter layers to a plain transformers model
   merge(model) -> PreTrainedModel      a plain transformers model that computes the same function
                                        (the adapters folded into the weights), for lm-eval and merging
-``stages/merge.py`` merges such a folder onto its base model with ``merge_saved``.
+and may implement
+  foldable(config) -> bool             False when merge cannot fold the adapter into the weights (a
+                                       non-linear adapter such as LoRETTA's bottleneck adapters): merge
+                                       then returns the model with its adapter layers kept
+``stages/merge.py`` merges such a folder onto its base model with ``save_merged``: the folded model,
+or, for an adapter that does not fold, the base weights with the adapter files beside them, a
+folder that ``models.load_model`` loads as base + attached adapter.
 """
 
 from __future__ import annotations
 
 import importlib
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -77,3 +84,23 @@ def merge_saved(base_model: torch.nn.Module, adapter_dir: str | Path) -> torch.n
     """The plain transformers model = base + the saved adapter, folded."""
     saved = read_json(Path(adapter_dir) / ADAPTER_CONFIG)
     return kind_module(saved["kind"]).merge(load_adapter(base_model, adapter_dir))
+
+
+def foldable(adapter_dir: str | Path) -> bool:
+    """Whether the saved adapter folds into its base model's weights (its kind's ``foldable``)."""
+    saved = read_json(Path(adapter_dir) / ADAPTER_CONFIG)
+    module = kind_module(saved["kind"])
+    return bool(getattr(module, "foldable", lambda config: True)(saved["config"]))
+
+
+def save_merged(base_model: torch.nn.Module, adapter_dir: str | Path, out: str | Path) -> None:
+    """Write base + the saved adapter as a folder that ``models.load_model`` (and so the evaluate
+    stage) loads: folded weights when the adapter folds, else the base weights plus the adapter's
+    two files, which load_model attaches again."""
+    if foldable(adapter_dir):
+        merge_saved(base_model, adapter_dir).save_pretrained(out, safe_serialization=True)
+        return
+    base_model.save_pretrained(out, safe_serialization=True)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        shutil.copy2(Path(adapter_dir) / name, Path(out) / name)
+    load_adapter(base_model, adapter_dir)  # an adapter that does not fit the base fails now, not when scored
