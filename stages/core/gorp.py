@@ -9,7 +9,7 @@ down) on task t of a sequence of T:
 * LoRA: the earlier tasks' adapters (A_i, B_i, i < t) are frozen; a new one, A_t (r x in,
   Kaiming) and B_t (out x r, zero), is trained with AdamW at ``lora_lr``.
 * Full weights, GaLore-style, in the same step: G' = W's gradient oriented so that its rows are
-  W's smaller side (d = min(out, in); the rows when square). Every ``update_proj_gap`` steps Q
+  W's smaller side (d = min(out, in); the columns when square, as GaLore's std). Every ``update_proj_gap`` steps Q
   (rank x d) = the top singular vectors of G' (``projection.randomized_svd``); Adam runs on
   R = Q·G' and W -= lr·scale·Qᵀ·Adam(R). As in GaLore the moments are not rotated when Q changes.
 * Shared gradient space: each layer keeps an orthonormal basis M (d x k) of that side. At the end
@@ -85,8 +85,9 @@ class GorpLinear(torch.nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.r, self.scaling = r, lora_alpha / r
-        # M and the GaLore projection act on the smaller side: the rows (outputs) when out <= in.
-        self.rows = self.out_features <= self.in_features
+        # M and the GaLore projection act on the smaller side, as GaLore's "std": the rows (output
+        # directions) when out < in, else the columns (input directions: square q/o_proj too).
+        self.rows = self.out_features < self.in_features
         dim = min(self.in_features, self.out_features)
         like = {"dtype": base.weight.dtype, "device": base.weight.device}
         a_init = []
