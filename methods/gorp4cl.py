@@ -3,15 +3,16 @@
 Update rule, on task t of a sequence, for every target linear layer
     y = W·x + (alpha/r)·Σ_{i<=t} B_i·A_i·x:
 the earlier tasks' LoRAs (A_i, B_i, i < t) are frozen and a new LoRA A_t (Kaiming), B_t (zero)
-trains with AdamW at lora_lr; in the same step W trains GaLore-style: G' = W's gradient on its
-smaller side (d = min(out, in)) with the shared subspace M removed, G' <- G' - M·Mᵀ·G'; every
-update_proj_gap steps Q = top-`rank` singular vectors of G' (orthogonal to M); Adam on Q·G' and
-    W -= lr·scale·Qᵀ·Adam(Q·G').
-The LoRA factor on the same side (B_t, or A_t when M holds input directions) gets the same
-g - M·Mᵀ·g before its moments (and its step is projected again), so the layer's whole change on
-task t leaves M untouched. At the end of every task but the last, W's first moment Qᵀ·m extends
-M (SVD of the part outside M, leading directions until M holds `energy` of its energy; M stays
-orthonormal and grows task by task). Everything but the target layers is frozen.
+trains with AdamW at lora_lr; in the same step W trains GaLore-style on its input side:
+G' = Gᵀ (in x out) with the shared subspace M (in x k, input directions) removed,
+G' <- G' - M·Mᵀ·G'; every update_proj_gap steps Q = top-`rank` singular vectors of G'
+(orthogonal to M); Adam on Q·G' and
+    W -= lr·scale·(Qᵀ·Adam(Q·G'))ᵀ.
+A_t's gradient gets the same g - M·Mᵀ·g on its input side before its moments (and its step is
+projected again), so the layer's whole change on task t leaves the earlier tasks' input
+directions alone: Δ·M = 0. At the end of every task but the last, W's first moment Qᵀ·m
+extends M (SVD of the part outside M, leading directions until M holds `energy` of its energy;
+M stays orthonormal and grows task by task). Everything but the target layers is frozen.
 The paper: rank 8 (orders 1-3), 32 (orders 4-6), lr 1e-5, update_proj_gap 10, LoRA r 8, alpha 32.
 After each task the model is saved with every LoRA folded into W: a plain transformers folder
 (stages/merge.py copies it). Details and our reading of the paper: stages/core/gorp.py.

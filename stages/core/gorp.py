@@ -8,37 +8,42 @@ down) on task t of a sequence of T:
 
 * LoRA: the earlier tasks' adapters (A_i, B_i, i < t) are frozen; a new one, A_t (r x in,
   Kaiming) and B_t (out x r, zero), is trained with AdamW at ``lora_lr``.
-* Full weights, GaLore-style, in the same step: G' = W's gradient oriented so that its rows are
-  W's smaller side (d = min(out, in); the columns when square, as GaLore's std). Every ``update_proj_gap`` steps Q
-  (rank x d) = the top singular vectors of G' (``projection.randomized_svd``); Adam runs on
-  R = Q·G' and W -= lr·scale·Qᵀ·Adam(R). As in GaLore the moments are not rotated when Q changes.
-* Shared gradient space: each layer keeps an orthonormal basis M (d x k) of that side. At the end
-  of a task (its last optimizer step) W's first moment, mapped to the full space as Qᵀ·m (d x L),
-  extends M: the part of it outside M is decomposed (SVD) and its leading left singular vectors
-  are appended until M holds ``energy`` of the moment's energy ‖Qᵀm‖² (GPM's incremental
-  criterion: ‖MᵀQᵀm‖² + Σ_{j<=k} σ_j² >= energy·‖Qᵀm‖²); at most rank new vectors per task,
-  since the moment has rank <= rank. On the next tasks every gradient that reaches the layer is
-  replaced by g - M·Mᵀ·g before it updates a moment.
+* Full weights, GaLore-style, in the same step: with G' = Gᵀ (in x out, W's gradient seen from
+  its inputs) every ``update_proj_gap`` steps Q (rank x in) = the top singular vectors of G'
+  (``projection.randomized_svd``); Adam runs on R = Q·G' and W -= lr·scale·(Qᵀ·Adam(R))ᵀ. As in
+  GaLore, the moments are not rotated when Q changes.
+* Shared gradient space: each layer keeps an orthonormal basis M (in x k) of input directions.
+  At the end of a task (its last optimizer step) W's first moment, mapped to the full space as
+  Qᵀ·m (in x out), extends M: the part of it outside M is decomposed (SVD) and its leading left
+  singular vectors are appended until M holds ``energy`` of the moment's energy ‖Qᵀm‖² (GPM's
+  incremental criterion: ‖MᵀQᵀm‖² + Σ_{j<=k} σ_j² >= energy·‖Qᵀm‖²); at most rank new vectors
+  per task (the moment has rank <= rank). On the next tasks every gradient that reaches the
+  layer is replaced by g − M·Mᵀ·g (in input coordinates) before it updates a moment.
 
-Where the paper (and its unreleased code's README) leaves the split open, this is our reading:
+Where the paper (and its unreleased code's README) leaves things open, this is our reading:
 
 * "full parameters" are the target matrices' weights; every other weight stays frozen.
-* The shared-space constraint covers the whole layer, not W alone: W's gradient (so Q is taken
-  from, and lies in, the complement of M, and W's step Qᵀ·N has no component in M) and the
-  gradient of the LoRA factor that spans the same side (B_t when M lives in the rows, A_t when
-  it lives in the columns; A_t is also projected once when its task starts). The layer's whole
-  change on task t > 0, ΔW + (α/r)·B_t·A_t, then leaves M untouched: Mᵀ·Δ = 0 (rows) or
-  Δ·M = 0 (columns). Adam's elementwise normalisation would bring components in M back into
-  that factor's step, so its step is projected too (our addition; W needs none, Q ⊥ M).
-* LoRA factors are not GaLore-projected: an r-column factor already has rank <= r = ``rank``,
-  and projecting it would only rotate its coordinates. They keep plain AdamW moments.
+* M lives in each layer's input space. The paper builds its shared space from the first moment
+  as a cheap stand-in for the input-feature space of gradient projection memory (GPM), and only
+  there does a change with ΔW·M = 0 leave the layer's outputs on the old tasks' inputs unchanged.
+  The projection therefore always acts on the input side (GaLore's proj_type "right"), not on the
+  smaller side (GaLore's "std"): on the tiny test model, bases of output directions (GaLore's
+  side for wide matrices: k/v, down_proj) left a conflicting second task free to undo the first.
+* The constraint covers the whole layer, not W alone: W's gradient (so Q is taken from, and lies
+  in, the complement of M, and W's step has no component in M) and the gradient of A_t, whose
+  rows are the new LoRA's input directions (A_t is also projected once when its task starts).
+  The layer's whole change on task t > 0, ΔW + (α/r)·B_t·A_t, then satisfies Δ·M = 0. Adam's
+  elementwise normalisation would bring components in M back into A_t's step, so that step is
+  projected too (our addition; W needs none: Q ⊥ M). B_t stays free.
+* LoRA factors are not GaLore-projected: a rank-r factor already has rank <= r = ``rank``, and
+  projecting it would only rotate its coordinates. They keep plain AdamW moments.
 * The bases are grown at the last step of a task, not when the next task's optimizer is built:
   the moments are never checkpointed once a task is finished, and the bases live in the model
   (see below), so a run resumed between two tasks, or in the middle of one, has them.
 
 Bookkeeping. The Trainer checkpoints the tensors that require grad when the model is built, so
 ``attach`` creates, for every target layer, all T LoRAs and the basis up front (the basis as a
-zero-padded d x min(d, rank·(T-1)) matrix: its used columns are its non-zero ones), marks them
+zero-padded in x min(in, rank·(T-1)) matrix: its used columns are its non-zero ones), marks them
 trainable, and ``activate`` (called by the method's per-task optimizer) freezes all but what
 task t trains. Saved models have every LoRA folded into W (``plain_copy``): a plain
 transformers folder that stages/merge.py copies and lm-eval scores.
@@ -77,7 +82,7 @@ def check_settings(rank: int, r: int, lora_alpha: float, energy: float, update_p
 
 class GorpLinear(torch.nn.Module):
     """A target linear layer under GORP: its own weight W (and bias), one LoRA per task of the
-    sequence, and the basis M of the earlier tasks' gradient subspace on W's smaller side."""
+    sequence, and the basis M of the earlier tasks' gradient subspace in its input space."""
 
     def __init__(self, base: torch.nn.Linear, n_tasks: int, r: int, lora_alpha: float, lora_dropout: float,
                  capacity: int):
@@ -85,10 +90,6 @@ class GorpLinear(torch.nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.r, self.scaling = r, lora_alpha / r
-        # M and the GaLore projection act on the smaller side, as GaLore's "std": the rows (output
-        # directions) when out < in, else the columns (input directions: square q/o_proj too).
-        self.rows = self.out_features < self.in_features
-        dim = min(self.in_features, self.out_features)
         like = {"dtype": base.weight.dtype, "device": base.weight.device}
         a_init = []
         for _ in range(n_tasks):
@@ -99,7 +100,7 @@ class GorpLinear(torch.nn.Module):
         self.lora_B = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(self.out_features, r, **like))
                                               for _ in range(n_tasks)])
         # At least one (zero) column: a one-task sequence never grows it, and no tensor is empty.
-        self.basis = torch.nn.Parameter(torch.zeros(dim, max(1, min(dim, capacity)), **like))
+        self.basis = torch.nn.Parameter(torch.zeros(self.in_features, max(1, min(self.in_features, capacity)), **like))
         self.dropout = torch.nn.Dropout(lora_dropout) if lora_dropout > 0 else torch.nn.Identity()
         self.active = 0  # the task being trained: LoRAs 0..active take part in the forward pass
 
@@ -110,21 +111,8 @@ class GorpLinear(torch.nn.Module):
         b = torch.cat([self.lora_B[i] for i in range(count)], dim=1) if count > 1 else self.lora_B[0]
         return out + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
 
-    # -- orientation: matrices on M's side as (d x ...) -------------------------------------------
-
-    def oriented(self, matrix: torch.Tensor) -> torch.Tensor:
-        """W, a gradient of W, B (rows side) or Aᵀ (columns side) as d x (...)."""
-        return matrix if self.rows else matrix.T
-
-    def side_factor(self, task: int) -> torch.nn.Parameter:
-        """The LoRA factor whose span lies on M's side: B_t (rows) or A_t (columns)."""
-        return self.lora_B[task] if self.rows else self.lora_A[task]
-
-    def free_factor(self, task: int) -> torch.nn.Parameter:
-        return self.lora_A[task] if self.rows else self.lora_B[task]
-
     def used_basis(self) -> torch.Tensor:
-        """M's filled columns (d x k, float32 at least)."""
+        """M's filled columns (in x k, float32 at least)."""
         basis = self.basis.detach()
         used = int((basis.abs().sum(0) > 0).sum())
         basis = basis[:, :used]
@@ -166,7 +154,7 @@ def attach(model: torch.nn.Module, target_modules: Iterable[str], n_tasks: int, 
 
 def activate(model: torch.nn.Module, task: int) -> list[GorpLinear]:
     """Make ``task`` the one being trained: W and its LoRA trainable, every other LoRA and the
-    bases frozen; a new A_t on the columns side starts outside span(M). Idempotent."""
+    bases frozen; the new A_t starts with its rows outside span(M). Idempotent."""
     layers = gorp_layers(model)
     for layer in layers:
         if not 0 <= task < len(layer.lora_A):
@@ -178,10 +166,10 @@ def activate(model: torch.nn.Module, task: int) -> list[GorpLinear]:
             a.requires_grad_(i == task)
             b.requires_grad_(i == task)
         basis = layer.used_basis()
-        if task > 0 and not layer.rows and basis.shape[1]:
+        if task > 0 and basis.shape[1]:
             with torch.no_grad():
                 a = layer.lora_A[task]
-                a.copy_(a - (a.float() @ basis) @ basis.T)
+                a.copy_(project_out(a.float().T, basis).T)
     return layers
 
 
@@ -246,9 +234,9 @@ class GorpAdamW(torch.optim.Optimizer):
 
     * ``full``: the target layers' W, GaLore-projected Adam on the complement of M
       (lr·scale; no weight decay: decaying W would pull it along M too);
-    * ``constrained``: task t's LoRA factor on M's side, AdamW on the gradient with its M
-      component removed, the step projected again after Adam's elementwise normalisation;
-    * ``free``: the other factor, plain AdamW;
+    * ``constrained``: task t's A, AdamW on the gradient with its M component removed (input
+      coordinates), the step projected again after Adam's elementwise normalisation;
+    * ``free``: task t's B, plain AdamW;
 
     and, at step ``steps_per_task`` when ``grow_bases``, every layer's M extended from W's first
     moment (``grow_basis``). The projections' randomness (randomized SVD) comes from
@@ -267,9 +255,9 @@ class GorpAdamW(torch.optim.Optimizer):
         groups = [
             {"params": [layer.weight for layer in layers], "lr": lr, "weight_decay": 0.0, "role": "full",
              "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale},
-            {"params": [layer.side_factor(task) for layer in layers], "lr": lora_lr, "weight_decay": weight_decay,
+            {"params": [layer.lora_A[task] for layer in layers], "lr": lora_lr, "weight_decay": weight_decay,
              "role": "constrained"},
-            {"params": [layer.free_factor(task) for layer in layers], "lr": lora_lr, "weight_decay": weight_decay,
+            {"params": [layer.lora_B[task] for layer in layers], "lr": lora_lr, "weight_decay": weight_decay,
              "role": "free"},
         ]
         super().__init__(groups, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0.0})
@@ -309,7 +297,7 @@ class GorpAdamW(torch.optim.Optimizer):
     def _full_step(self, p: torch.Tensor, layer: GorpLinear, group: dict, seed: int) -> None:
         state = self.state[p]
         basis = layer.used_basis()
-        grad = project_out(layer.oriented(p.grad.float()), basis)
+        grad = project_out(p.grad.float().T, basis)  # in x out: W's gradient seen from its inputs
         if "Q" not in state or state["age"] >= group["update_proj_gap"]:
             state["Q"] = orthogonal_subspace(grad, basis, group["rank"], seed)
             state["age"] = 0
@@ -319,22 +307,22 @@ class GorpAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         state["age"] += 1
         direction = state["Q"].T @ AdaRankGrad._adam(state, state["Q"] @ grad, group)
-        p.add_(layer.oriented(direction).to(p.dtype), alpha=-group["lr"] * group["scale"])
+        p.add_(direction.T.to(p.dtype), alpha=-group["lr"] * group["scale"])
 
     def _lora_step(self, p: torch.Tensor, layer: GorpLinear, group: dict) -> None:
         state = self.state[p]
         constrained = group["role"] == "constrained"
         basis = layer.used_basis() if constrained else None
         grad = p.grad.float()
-        if constrained:
-            grad = layer.oriented(project_out(layer.oriented(grad), basis))
+        if constrained:  # A (r x in): its rows are input directions
+            grad = project_out(grad.T, basis).T
         if "exp_avg" not in state:
             state.update(step=0, exp_avg=torch.zeros_like(grad), exp_avg_sq=torch.zeros_like(grad))
         update = AdaRankGrad._adam(state, grad, group)
         if constrained:
-            update = layer.oriented(project_out(layer.oriented(update), basis))
+            update = project_out(update.T, basis).T
         if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])  # a scaling: keeps the factor outside M
+            p.mul_(1 - group["lr"] * group["weight_decay"])  # a scaling: keeps A's rows outside M
         p.add_(update.to(p.dtype), alpha=-group["lr"])
 
     def extend_bases(self) -> list[int]:
