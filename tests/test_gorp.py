@@ -359,7 +359,8 @@ def test_script_reports_a_bad_energy_in_one_line(gorp_project, script_env):
     proc = run_script("methods/gorp4sft.py", *run_args("bad-script", "default", "--energy", "1.5"), cwd=gorp_project,
                       env=script_env)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert last_line(proc.stderr) == "error: --energy must be in (0, 1] (the fraction of a task's first-moment energy its basis keeps), got 1.5"
+    assert last_line(proc.stderr) == ("error: --energy must be in (0, 1] (the fraction of a task's first-moment "
+                                      "energy its basis keeps), got 1.5")
     assert not (gorp_project / "runs" / "bad-script").exists()
 
 
