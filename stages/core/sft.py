@@ -117,7 +117,10 @@ class Method:
     ``ctx.task_index`` (AdamW by default); ``train_step`` turns one batch into one update
     (forward/backward/step by default); ``encode`` turns a task row into input ids and labels
     (None: the core's, prompt masked and response learned, through the chat template when
-    ``--chat_template``)."""
+    ``--chat_template``); ``export(model, path)`` saves the trained model after each task (None:
+    peft's adapter, or the full weights of a plain model; custom adapters use
+    stages/core/adapters.save_adapter); ``merged(model)`` is a plain transformers model computing
+    the same function, for scoring (None: peft's merge_and_unload on a copy)."""
 
     name: str
     build: BuildFn
@@ -125,6 +128,8 @@ class Method:
     train_step: Callable[[StepInputs], float] = first_order_step  # zeroth-order methods replace it
     doc: str = ""
     encode: Callable[..., dict] | None = None
+    export: Callable[[torch.nn.Module, Path], None] | None = None
+    merged: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -425,9 +430,13 @@ class Trainer:
         if self.accelerator.is_main_process:
             folder = self.work.task_dir(index)
             with atomic_dir(folder) as tmp:
-                export_trained(self.unwrapped, tmp / "adapter", self.initial_adapter)
+                if self.method.export:
+                    self.method.export(self.unwrapped, tmp / "adapter")
+                else:
+                    export_trained(self.unwrapped, tmp / "adapter", self.initial_adapter)
                 save_file(tuned_state(self.unwrapped, self.tuned), tmp / "tuned.safetensors")
-                record["scores"] = self.evaluator.score(mergeable_copy(self.unwrapped), self.tokenizer)
+                merged = (self.method.merged or mergeable_copy)(self.unwrapped)
+                record["scores"] = self.evaluator.score(merged, self.tokenizer)
                 atomic_write_json(tmp / "record.json", record)
             shutil.rmtree(self.work.state_dir, ignore_errors=True)
             self.accelerator.print(f"after {record['task']}: " + ", ".join(f"{k} {v:.3f}" for k, v in record["scores"].items()))

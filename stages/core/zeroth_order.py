@@ -366,3 +366,71 @@ def build_tuned(model: torch.nn.Module, cfg) -> torch.nn.Module:
                             target_modules=cfg.target_modules, init_lora_weights=True, task_type="CAUSAL_LM")
         return get_peft_model(model, config)
     fail(f"--tuning '{cfg.tuning}' is not valid: expected one of full, lora")
+
+
+# ----------------------------------------------------------------------------- ZO-Adam (LoRETTA)
+
+class ZOAdam(_ZerothOrder):
+    """ZO-Adam, LoRETTA's third trainer (its trainer_torch.py): Adam's moments fed with MeZO's
+    SPSA gradient estimate instead of a backpropagated gradient.
+
+    Per step t (1-based for the bias corrections), with z ~ N(0, I) regenerated from the step seed:
+        ℓ± = L(θ ± εz);  g = (ℓ+ − ℓ−) / 2ε;  ĝ = g·z            (SPSA estimate of ∇L)
+        m ← β1·m + (1 − β1)·ĝ;   v ← β2·v + (1 − β2)·ĝ²
+        θ ← θ − lr·(m / (1 − β1^t)) / (√(v / (1 − β2^t)) + δ) − lr·wd·θ   (wd = 0 on biases and norms)
+    Memory: inference + Adam's two moments (as large as the trainable parameters: meant for
+    adapters such as LoRETTA's, not full fine-tuning) + one scratch buffer; z is never stored.
+    The restore θ − εz → θ and the update share the third pass over the parameters.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, eps: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 adam_eps: float = 1e-8, weight_decay: float = 0.0, seed: int | None = None):
+        if lr < 0 or eps <= 0 or weight_decay < 0 or adam_eps <= 0:
+            raise ValueError(f"ZOAdam: need lr >= 0, eps > 0, adam_eps > 0, weight_decay >= 0 "
+                             f"(got {lr}, {eps}, {adam_eps}, {weight_decay})")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"ZOAdam: betas must be in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "eps": eps, "betas": tuple(betas), "adam_eps": adam_eps,
+                                  "weight_decay": weight_decay}, seed)
+
+    def _perturb(self, scale: float) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.add_(self._normal(param), alpha=scale * group["eps"])
+
+    def _restore_and_update(self, g: float, t: int) -> None:
+        for group in self.param_groups:
+            lr, eps, wd, (beta1, beta2) = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+            correction1, correction2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+            for param in group["params"]:
+                z = self._normal(param)
+                param.add_(z, alpha=eps)  # restore θ
+                state = self.state[param]
+                state["exp_avg"].mul_(beta1).add_(z, alpha=(1.0 - beta1) * g)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(z, z, value=(1.0 - beta2) * g * g)
+                if lr * wd != 0.0:
+                    param.mul_(1.0 - lr * wd)
+                # the denominator in z's buffer (z is no longer needed)
+                denominator = torch.div(state["exp_avg_sq"], correction2, out=z).sqrt_().add_(group["adam_eps"])
+                param.addcdiv_(state["exp_avg"], denominator, value=-lr / correction1)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> float:  # type: ignore[override]
+        if closure is None:
+            raise ValueError("ZOAdam.step needs a closure returning the batch loss (no backward)")
+        eps = self._same("eps")
+        t, seed = self._begin_step()
+        for param in (p for g in self.param_groups for p in g["params"]):
+            if "exp_avg" not in self.state[param]:
+                self.state[param]["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                self.state[param]["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self._alloc_buffers(1)
+        try:
+            loss_plus, loss_minus = self._two_losses(closure, seed, self._perturb)
+            g = self._projected_grad(loss_plus, loss_minus, eps)
+            self._reseed(seed)
+            self._restore_and_update(g, t + 1)
+        finally:
+            self._buffers = {}
+        self._end_step(t)
+        return float((loss_plus + loss_minus) / 2)
