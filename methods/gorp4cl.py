@@ -20,16 +20,11 @@ After each task the model is saved with every LoRA folded into W: a plain transf
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stages/, as the stage scripts do
-
-from stages.core.errors import fail  # noqa: E402
-from stages.core.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy  # noqa: E402
-from stages.core.sft import Method, main  # noqa: E402
+from stages.core.errors import fail
+from stages.core.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy
+from stages.core.sft import Method, main
 
 
 def build(model, cfg, ctx):

@@ -41,7 +41,7 @@ LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
 TRAIN = {
     "batch_size": 8, "grad_accum": 1, "steps_per_task": 16, "max_length": 64, "lr": 1.0e-2,
     "weight_decay": 0.0, "warmup_ratio": 0.1, "scheduler": "cosine", "max_grad_norm": 1.0,
-    "checkpoint_every": 4, "log_every": 2, "eval_batch_size": 16, "chat_template": False,
+    "checkpoint_every": 4, "log_every": 2, "eval_batch_size": 16, "chat_template": False, "save_every_task": True,
 }
 
 

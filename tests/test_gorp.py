@@ -27,7 +27,7 @@ from conftest import (
 from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
 from stages.core.gorp import (
-    GorpAdamW, activate, attach, gorp_layers, grow_basis, orthogonal_subspace, project_out,
+    GorpAdamW, activate, attach, gorp_layers, grow_basis, orthogonal_subspace, plain_copy, project_out,
 )
 from stages.core.io import atomic_write_json, write_jsonl
 from stages.core.projection import state_bytes
@@ -56,7 +56,8 @@ def conflict_rows(flip: bool) -> list[dict]:
 @pytest.fixture(scope="module")
 def gorp_project(project, tmp_path_factory):
     """A workspace on the session's model and data, plus the tasks agree and flip."""
-    params = tiny_params(methods={"gorp": GORP, "lora": dict(LORA, lora_alpha=32)}, sequences=SEQUENCES)
+    o_lora = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.0, "lambda_1": 0.5, "lambda_2": 0.0, "target_modules": ALL}
+    params = tiny_params(methods={"gorp": GORP, "lora": dict(LORA, lora_alpha=32), "o_lora": o_lora}, sequences=SEQUENCES)
     root = make_workspace(tmp_path_factory.mktemp("gorp") / "ws", project, params, copy_data=True)
     for name in ("agree", "flip"):
         train = test = conflict_rows(name == "flip")
@@ -265,6 +266,7 @@ def test_killed_run_resumes_with_the_weights_of_an_uninterrupted_one(gorp_projec
 
     final = gorp_project / "runs" / "straight" / "final"
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final", "train_config.json"]
     _, _, batch = probe_batch(gorp_project)
     expected = logits(reference.unwrapped, batch)
     assert not torch.allclose(expected, logits(load_model("models/base"), batch))
@@ -376,13 +378,68 @@ def test_repository_params_hold_the_papers_defaults(capsys, monkeypatch):
     cfg = build_config(load_method("gorp"), [])
     assert (cfg.rank, cfg.r, cfg.lora_alpha, cfg.lr, cfg.update_proj_gap, cfg.energy) == (8, 8, 32, 1e-5, 10, 0.9)
     assert sorted(cfg.target_modules) == sorted(ALL)
-    # O-LoRA's orders 1-3 (dbpedia, amazon, yahoo, agnews) on stand-ins, not (yet) in the pipeline
+    # O-LoRA's orders 1-3 (dbpedia, amazon, yahoo, agnews) on stand-ins, in the pipeline's gorp_table
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    orders = params["gorp_orders"]
     dbpedia, amazon, yahoo, agnews = "cl_intent", "cl_reviews", "cl_strategyqa", "cl_politifact"
-    assert orders["sequences"] == {"gorp_order1": [dbpedia, amazon, yahoo, agnews],
-                                   "gorp_order2": [dbpedia, amazon, agnews, yahoo],
-                                   "gorp_order3": [yahoo, amazon, agnews, dbpedia]}
-    assert all((spec["train_size"], spec["test_size"]) == (64, 30) for spec in orders["tasks"].values())
-    assert sorted(orders["tasks"]) == sorted([dbpedia, amazon, yahoo, agnews])
-    assert "gorp" not in params["pipeline"]["methods"] and not set(orders["tasks"]) & set(params["tasks"])
+    orders = {name: params["sequences"][name]["tasks"] for name in params["gorp_table"]["sequences"]}
+    assert orders == {"gorp_order1": [dbpedia, amazon, yahoo, agnews],
+                      "gorp_order2": [dbpedia, amazon, agnews, yahoo],
+                      "gorp_order3": [yahoo, amazon, agnews, dbpedia]}
+    assert all((params["tasks"][t]["train_size"], params["tasks"][t]["test_size"]) == (64, 30) for t in orders["gorp_order1"])
+    table = params["gorp_table"]["methods"]
+    assert {"gorp", "o_lora", "lora", "galore", "cimeo"} <= set(table) <= set(params["pipeline"]["methods"])
+
+
+# ----------------------------------------------------------------------------- O-LoRA, GORP's baseline
+
+def o_lora_run(tag: str, *flags: str):
+    """Train agree then flip with O-LoRA (r 8, alpha 32, lr 1e-2, 12 steps each); the trainer."""
+    from stages.core.sft import Trainer, build_config
+
+    method = load_method("o_lora")
+    cfg = build_config(method, run_args(tag, "conflict", "--steps_per_task", "12", "--checkpoint_every", "100",
+                                        "--warmup_ratio", "0", "--lr", "1e-2", *flags))
+    trainer = Trainer(method, cfg)
+    trainer.train_task(0)
+    trainer.train_task(1)
+    return trainer
+
+
+def overlap(trainer) -> float:
+    """Σ |A_0·A_1ᵀ| over the layers: how far the second task's LoRA leaves the first's input subspace."""
+    return sum((layer.lora_A[0] @ layer.lora_A[1].T).abs().sum().item() for layer in gorp_layers(trainer.unwrapped))
+
+
+def test_o_lora_keeps_the_new_lora_orthogonal_and_w_frozen(gorp_project, monkeypatch):
+    """O-LoRA's orthogonality loss (lambda_1) drives the second LoRA's rows away from the first's:
+    the overlap Σ|A_0·A_1ᵀ| ends far below plain sequential LoRA's (lambda_1 = 0); W0 and the
+    first task's LoRA do not move on the second task; the saved model is the folded one."""
+    monkeypatch.chdir(gorp_project)
+    plain = o_lora_run("o_lora-plain", "--lambda_1", "0")
+    weights = [layer.weight.detach().clone() for layer in gorp_layers(plain.unwrapped)]
+    orthogonal = o_lora_run("o_lora-orth", "--lambda_1", "5")
+    assert overlap(orthogonal) < overlap(plain) / 3, (overlap(orthogonal), overlap(plain))
+    for layer, before in zip(gorp_layers(orthogonal.unwrapped), weights):
+        assert torch.equal(layer.weight, before)  # W0 never trains (same seed: same start)
+        assert not layer.lora_A[0].requires_grad and layer.lora_A[1].requires_grad
+    *_, batch = probe_batch(gorp_project)
+    folded = plain_copy(orthogonal.unwrapped)
+    assert torch.allclose(logits(folded, batch), logits(orthogonal.unwrapped, batch), atol=1e-4)
+
+
+def test_o_lora_script_saves_a_plain_model(gorp_project, script_env):
+    """The script's final model folds every task's LoRA into a plain transformers folder
+    (stages/merge.py copies it); the run has the accuracy matrix; with --no-save_every_task
+    the run folder holds the final model only."""
+    from stages.core.models import load_model
+
+    out = run_script("methods/o_lora4sft.py", *run_args("o_lora-script", "default", "--steps_per_task", "3",
+                                                         "--checkpoint_every", "100", "--no-save_every_task"),
+                     cwd=gorp_project, env=script_env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    final = gorp_project / "runs" / "o_lora-script" / "final"
+    assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final", "train_config.json"]
+    metrics = json.loads((gorp_project / "results" / "train" / "o_lora-script" / "metrics.json").read_text())
+    assert set(metrics["matrix"]) == {"after_mc", "after_gen"}
+    assert load_model(final) is not None

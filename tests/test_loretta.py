@@ -307,3 +307,8 @@ def test_help_lists_the_params(loretta_project, capsys, monkeypatch):
     assert (config["tuning_type"], config["tt_rank"], config["r"], config["lora_alpha"], config["bottleneck"]) == \
         ("loretta_rep", 5, 8, 16.0, 64)
     assert tt.parse_shapes(config["tt_shapes"]) == {576: [8, 8, 9], 192: [12, 16], 1536: [8, 12, 16]}
+    # the adapter form's row: methods/loretta_adp4sft.py reads methods.loretta_adp (the same settings but the form)
+    adp = build_config(load_method("loretta_adp"), [])
+    assert (adp.method, adp.tuning_type) == ("loretta_adp", "loretta_adp")
+    assert {k: v for k, v in loretta.config_from(adp).items() if k != "tuning_type"} == \
+        {k: v for k, v in config.items() if k != "tuning_type"}

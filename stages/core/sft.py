@@ -478,7 +478,7 @@ class Trainer:
             "matrix": {f"after_{r['task']}": dict(zip(names, row)) for r, row in zip(records, matrix)},
         }
         with atomic_dir(cfg.output_dir) as out:
-            for index, record in enumerate(records):
+            for index, record in enumerate(records if cfg.save_every_task else []):
                 shutil.copytree(self.work.task_dir(index) / "adapter", out / f"after_{index + 1}_{record['task']}")
             shutil.copytree(self.work.task_dir(len(records) - 1) / "adapter", out / "final")
             atomic_write_json(out / "train_config.json", vars(cfg))
