@@ -1,10 +1,10 @@
 """Stage: collect every row (method x task sequence) into Markdown/CSV tables and PNG plots.
 
-Reads, for each row of params.yaml's ``pipeline``, ``cimeo_table`` and ``gorp_table`` (one block per order):
+Reads, for each row of params.yaml's ``pipeline``, ``cimeo_table``, ``gorp_table`` (one block per order) and ``adapter_table``:
   results/train/<row>/metrics.json   accuracy matrix, AP, BWT, parameters, memory, step time
   results/train/<row>/plots/metrics/train/loss.tsv   the training-loss curve
   results/eval/<row>.json            lm-eval scores of the merged model (pipeline rows: the final
-                                     scores; cimeo_table and gorp_table rows are not merged: the accuracy
+                                     scores; the *_table rows are not merged: the accuracy
                                      matrix's last row is their final score)
   results/base/<sequence>.json       the base model's zero-shot scores (for FWT)
 and writes results/tables.md, results/table.csv and results/plots/*.png.
@@ -159,6 +159,10 @@ def main(argv=None) -> None:
     if gorp:  # one block per task order
         groups += [(f"GORP's table: GORP and its baselines on `{s}`", s, gorp["methods"], False, f"gorp_{s}")
                    for s in gorp["sequences"]]
+    adapters = params.get("adapter_table")
+    if adapters:
+        groups += [(f"Adapter table: LoRAN and LoRETTA against LoRA on `{s}`", s, adapters["methods"], False, f"adapters_{s}")
+                   for s in adapters["sequences"]]
     csv_rows = []
     with atomic_dir(results / "plots") as plots:
         for title, sequence, methods, merged, stem in groups:

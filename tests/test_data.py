@@ -376,3 +376,22 @@ def test_package_archive_downloads_once_and_explains_failure(tmp_path, monkeypat
     message = _error(tasks.package_archive, "ghost", "2.0", tmp_path / "pk")
     assert message.startswith("could not download ghost==2.0 with pip (ERROR: No matching distribution")
     assert str(tmp_path / "pk") in message and "ADAPTLAB_PACKAGE_CACHE" in message
+
+
+def test_rouge_metric_and_prompt_length_limit(cache):
+    """A generation task may be scored by ROUGE (meta.json says so) and may drop the rows whose
+    prompt is longer than max_prompt_chars, counted in meta's dropped; a metric that does not fit
+    the kind is one error line."""
+    _, _, meta = build_task("math", {**MATH, "train_size": 25}, seed=0)
+    assert meta["metric"] == "exact_match"
+    every = [row["prompt"] for split in build_task("math", {**MATH, "train_size": 25}, seed=0)[:2] for row in split]
+    short = sum(len(prompt) <= 42 for prompt in every)  # one-digit sums; two-digit prompts are 43 long
+    assert 8 <= short < len(every)
+    train, test, meta = build_task("math", {**MATH, "train_size": 5, "test_size": 3, "metric": "rouge",
+                                            "max_prompt_chars": 42}, seed=0)
+    assert meta["metric"] == "rouge" and all(len(row["prompt"]) <= 42 for row in train + test)
+    assert meta["dropped"] == {"prompt over 42 characters": len(every) - short}
+    with pytest.raises(AdaptlabError, match="task 'math': metric must be one of exact_match, rouge for a generate task, got 'acc'"):
+        build_task("math", {**MATH, "metric": "acc"}, seed=0)
+    with pytest.raises(AdaptlabError, match="max_prompt_chars must be a positive integer, got 0"):
+        build_task("math", {**MATH, "max_prompt_chars": 0}, seed=0)

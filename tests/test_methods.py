@@ -243,3 +243,45 @@ def test_chat_template_trains_on_the_assistant_turn_and_scores_through_the_templ
     assert trainer.evaluator.chat_template
     trainer.run()
     assert json.loads((methods_project / "runs" / "chat" / "train_config.json").read_text())["chat_template"] is True
+
+
+# ----------------------------------------------------------------------------- ROUGE scoring
+
+def test_rouge_task_scores_generations_with_rouge_score(tmp_path):
+    """A task whose meta.json says metric rouge is scored by lm-eval with ROUGE-L F (the function
+    copied beside the task YAML): the mean over rows of rouge_score's ROUGE-L of each
+    generation's first line. The generations come from a stand-in lm-eval LM (the tiny random
+    model writes punctuation, which ROUGE ignores)."""
+    from lm_eval.api.model import LM
+    from rouge_score import rouge_scorer
+
+    from stages.core.evaluation import Evaluator
+    from stages.core.io import atomic_write_json, write_jsonl
+    from stages.core.lm_eval_metrics import rouge_scores
+
+    assert rouge_scores({"answer": "the cat sat"}, ["the cat sat\nmore"]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert rouge_scores({"answer": "the cat sat"}, [""])["rougeL"] == 0.0
+    answers = ["the plot was good", "a dull film indeed", "the cast shines", "nothing happens at all"]
+    written = {f"Review {i}. Summary:": text for i, text in enumerate(
+        ["the plot was good", "a dull film indeed\nsecond line", "cast", "something else entirely"])}
+
+    class Writer(LM):
+        def generate_until(self, requests):
+            return [written[request.args[0]] for request in requests]
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+    rows = [{"id": f"s-{i}", "prompt": prompt, "answer": answer} for i, (prompt, answer) in enumerate(zip(written, answers))]
+    task = tmp_path / "tasks" / "summ"
+    write_jsonl(task / "train.jsonl", rows)
+    write_jsonl(task / "test.jsonl", rows)
+    atomic_write_json(task / "meta.json", {"name": "summ", "kind": "generate", "metric": "rouge", "source": "tests"})
+    score = Evaluator(["summ"], tmp_path / "tasks")._run(Writer())["summ"]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = [scorer.score(answer, text.split("\n")[0])["rougeL"].fmeasure for answer, text in zip(answers, written.values())]
+    assert expected[0] == expected[1] == 1.0 and 0 < expected[2] < 1 and expected[3] == 0
+    assert score == pytest.approx(sum(expected) / len(expected), abs=1e-9)

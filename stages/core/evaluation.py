@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from .errors import fail
 # A trained model folder records how its prompts must be written (stages/merge.py writes it).
 PROMPT_FORMAT_FILE = "prompt_format.json"
 
-# The score each kind of task reports: lm-eval's metric key in its results dict.
-PRIMARY_METRIC = {"multiple_choice": "acc,none", "generate": "exact_match,strip"}
+# The score each task reports, by its metric (meta.json): lm-eval's key in its results dict.
+PRIMARY_METRIC = {"acc": "acc,none", "exact_match": "exact_match,strip", "rouge": "rougeL,none"}
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+METRICS_MODULE = "adaptlab_metrics"  # lm_eval_metrics.py, copied beside the YAMLs (lm-eval's !function)
 
 
 def max_answer_tokens(task_dir: Path) -> int:
@@ -32,8 +35,10 @@ def max_answer_tokens(task_dir: Path) -> int:
     return max(len(a) for a in answers) + 2
 
 
-def lm_eval_task_config(name: str, task_dir: Path, kind: str) -> dict:
-    """The lm-eval task for one of our task folders (row schema: prompt, answer, choices, label)."""
+def lm_eval_task_config(name: str, task_dir: Path, kind: str, metric: str | None = None) -> dict:
+    """The lm-eval task for one of our task folders (row schema: prompt, answer, choices, label).
+    A ``rouge`` task's ``process_results`` is a function that YAML names with lm-eval's
+    ``!function`` tag: ``task_yaml`` writes it."""
     config = {
         "task": f"adaptlab_{name}",
         "dataset_path": "json",
@@ -59,9 +64,26 @@ def lm_eval_task_config(name: str, task_dir: Path, kind: str) -> dict:
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                              "ignore_case": True, "ignore_punctuation": False}],
         }
+        if metric == "rouge":  # summaries: ROUGE F-measures of the first generated line (rouge_score)
+            del config["filter_list"]
+            config["metric_list"] = [{"metric": key, "aggregation": "mean", "higher_is_better": True}
+                                     for key in ROUGE_TYPES]
     else:
-        fail(f"task '{name}' has unknown kind '{kind}': expected one of {', '.join(PRIMARY_METRIC)}")
+        fail(f"task '{name}' has unknown kind '{kind}': expected one of multiple_choice, generate")
     return config
+
+
+def task_yaml(config: dict, metric: str) -> str:
+    """The task's YAML text; a ROUGE task gets ``process_results: !function ...``."""
+    text = yaml.safe_dump(config)
+    if metric == "rouge":
+        text += f"process_results: !function {METRICS_MODULE}.rouge_scores\n"
+    return text
+
+
+def task_metric(meta: dict) -> str:
+    """A task's metric from its meta.json (task folders written before metrics existed: by kind)."""
+    return meta.get("metric") or ("acc" if meta["kind"] == "multiple_choice" else "exact_match")
 
 
 class Evaluator:
@@ -77,16 +99,18 @@ class Evaluator:
 
         self.task_names, self.batch_size, self.max_length, self.limit = list(task_names), batch_size, max_length, limit
         self.chat_template = chat_template
-        self.kinds: dict[str, str] = {}
+        self.metrics: dict[str, str] = {}
         self._yaml_dir = tempfile.TemporaryDirectory(prefix="adaptlab-lm-eval-")
+        shutil.copy(Path(__file__).with_name("lm_eval_metrics.py"), Path(self._yaml_dir.name, f"{METRICS_MODULE}.py"))
         for name in self.task_names:
             task_dir = Path(tasks_dir) / name
-            meta = task_dir / "meta.json"
-            if not meta.is_file():
-                fail(f"unknown task '{name}': {meta} does not exist (run stages/fetch_data.py)")
-            self.kinds[name] = json.loads(meta.read_text())["kind"]
-            config = lm_eval_task_config(name, task_dir, self.kinds[name])
-            Path(self._yaml_dir.name, f"{name}.yaml").write_text(yaml.safe_dump(config))
+            meta_file = task_dir / "meta.json"
+            if not meta_file.is_file():
+                fail(f"unknown task '{name}': {meta_file} does not exist (run stages/fetch_data.py)")
+            meta = json.loads(meta_file.read_text())
+            self.metrics[name] = task_metric(meta)
+            config = lm_eval_task_config(name, task_dir, meta["kind"], self.metrics[name])
+            Path(self._yaml_dir.name, f"{name}.yaml").write_text(task_yaml(config, self.metrics[name]))
         for name in ("lm_eval", "lm-eval"):  # its per-call notices drown the training log
             logging.getLogger(name).setLevel(logging.ERROR)
         datasets.disable_progress_bars()
@@ -100,7 +124,7 @@ class Evaluator:
             limit=self.limit, log_samples=False, verbosity="ERROR", bootstrap_iters=0,
             apply_chat_template=self.chat_template,
         )["results"]
-        return {n: float(results[f"adaptlab_{n}"][PRIMARY_METRIC[self.kinds[n]]]) for n in self.task_names}
+        return {n: float(results[f"adaptlab_{n}"][PRIMARY_METRIC[self.metrics[n]]]) for n in self.task_names}
 
     def score(self, model, tokenizer) -> dict[str, float]:
         """Score an in-memory transformers model (eval mode, no gradients)."""

