@@ -8,7 +8,6 @@ chat_template (the base model on the cognition sequence); --chat_template / --no
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages.core.config import OneLineParser, load_params, sequence_settings, sequence_tasks  # noqa: E402
 from stages.core.errors import cli_entry  # noqa: E402
 from stages.core.evaluation import PROMPT_FORMAT_FILE, Evaluator  # noqa: E402
-from stages.core.io import atomic_write_json  # noqa: E402
+from stages.core.io import atomic_write_json, read_json  # noqa: E402
 from stages.core.models import load_model, load_tokenizer  # noqa: E402
 
 
@@ -41,7 +40,7 @@ def main(argv=None) -> None:
     chat = args.chat_template
     if chat is None:
         trained_as = Path(args.model) / PROMPT_FORMAT_FILE
-        chat = json.loads(trained_as.read_text())["chat_template"] if trained_as.is_file() else train.get("chat_template", False)
+        chat = read_json(trained_as)["chat_template"] if trained_as.is_file() else train.get("chat_template", False)
     evaluator = Evaluator(tasks, args.tasks_dir, train.get("eval_batch_size", 32),
                           max_length=train.get("max_length", 480) + 32, limit=args.limit or None, chat_template=bool(chat))
     began = time.perf_counter()

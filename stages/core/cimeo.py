@@ -18,6 +18,7 @@ build_cimeo_masks.py and stages/analysis/*.py):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -450,8 +451,8 @@ def build(model: torch.nn.Module, cfg, ctx, objective: str) -> torch.nn.Module:
     from accelerate import PartialState
 
     check_method_settings(cfg)
-    if bool(getattr(cfg, "chat_template", objective == "sft")) != (objective == "sft"):
-        fail(f"--chat_template {getattr(cfg, 'chat_template', None)} does not fit CIMEO's {objective} form: the SFT form "
+    if bool(cfg.chat_template) != (objective == "sft"):
+        fail(f"--chat_template {cfg.chat_template} does not fit CIMEO's {objective} form: the SFT form "
              "(cimeo4sft.py) trains through the chat template, the pretraining form (cimeo4pretrain.py) on plain text")
     weights = target_weights(model, cfg.target_modules)
     fingerprint = model_fingerprint(model, cfg.target_modules)
@@ -553,17 +554,34 @@ def layer_overlap(mask_a, mask_b) -> dict[int, float]:
 
 
 def overlap_matrix(masks: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[list[str], list[list[float]]]:
-    """Tasks and the matrix M[i][j] = |I_i ∩ I_j| / |I_i| (1 on the diagonal)."""
+    """Tasks and the matrix M[i][j] = |I_i ∩ I_j| / |I_i| (1 on the diagonal). Each unordered
+    pair's intersection is computed once: M[j][i] is the same count over |I_j|."""
     tasks = list(masks)
-    return tasks, [[overall_overlap(masks[a], masks[b]) for b in tasks] for a in tasks]
+    sizes = [sum(int(v.numel()) for v in masks[t].values()) for t in tasks]
+    matrix = [[1.0 if size else float("nan")] * len(tasks) for size in sizes]
+    for i, j in itertools.combinations(range(len(tasks)), 2):
+        inter = sum(count for count, _ in weight_overlaps(masks[tasks[i]], masks[tasks[j]]).values())
+        matrix[i][j] = inter / sizes[i] if sizes[i] else float("nan")
+        matrix[j][i] = inter / sizes[j] if sizes[j] else float("nan")
+    return tasks, matrix
 
 
 def mean_layer_overlap(masks: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[int, dict[str, float]]:
-    """Per layer: mean, min and max over the ordered pairs i ≠ j of |I_i ∩ I_j| / |I_i|."""
+    """Per layer: mean, min and max over the ordered pairs i ≠ j of |I_i ∩ I_j| / |I_i| (each
+    unordered pair's intersections computed once)."""
     tasks = list(masks)
     if len(tasks) < 2:
         fail(f"the overlap needs at least two tasks' masks, got {len(tasks)}")
-    per_pair = [layer_overlap(masks[a], masks[b]) for a in tasks for b in tasks if a != b]
+    per_pair = []
+    for a, b in itertools.combinations(tasks, 2):
+        sums: dict[int, list[int]] = {}
+        for name, (inter, size_a) in weight_overlaps(masks[a], masks[b]).items():
+            acc = sums.setdefault(layer_of(name), [0, 0, 0])
+            acc[0] += inter
+            acc[1] += size_a
+            acc[2] += int(masks[b][name].numel())
+        per_pair.append({layer: inter / size_a if size_a else float("nan") for layer, (inter, size_a, _) in sums.items()})
+        per_pair.append({layer: inter / size_b if size_b else float("nan") for layer, (inter, _, size_b) in sums.items()})
     return {layer: {"mean": sum(p[layer] for p in per_pair) / len(per_pair),
                     "min": min(p[layer] for p in per_pair), "max": max(p[layer] for p in per_pair)}
             for layer in per_pair[0]}
