@@ -187,7 +187,8 @@ def belongs_to_row(stage: str) -> bool:
     return stage == "tables" or stage.split("@")[-1] in ("lora", ROW)
 
 
-UPSTREAM = {"fetch_data", "build_base", "evaluate_base@default", "evaluate_base@chat", "corda_full_decompose"}  # shared by every row
+UPSTREAM = {"fetch_data", "build_base", "evaluate_base@default", "evaluate_base@chat", "evaluate_base@one", "evaluate_base@two",
+            "corda_full_decompose"}  # shared by every row
 # The CIMEO table of the tiny project: CIMEO over the sequence `chat` (the mapping form, trained and
 # scored through the chat template), its masks built by the decompose stage, and both analyses.
 CIMEO_TINY = {"strategy": "max", "density": 0.1, "masks": "", "mask_batches": 2, "mask_batch_size": 8, "dense": "none",
@@ -195,7 +196,8 @@ CIMEO_TINY = {"strategy": "max", "density": 0.1, "masks": "", "mask_batches": 2,
               "decompose": {"script": "build_cimeo_masks.py",
                             "args": {"method": "cimeo", "sequence": ["default", "chat"], "objective": "sft", "threads": 1}}}
 CIMEO_STAGES = {"decompose@cimeo", "train@cimeo-default", "merge@cimeo-default", "evaluate@cimeo-default",
-                "train_cimeo_table@cimeo", "cimeo_overlap", "cimeo_angles"}
+                "train_cimeo_table@cimeo", "cimeo_overlap", "cimeo_angles", "train_gorp_table@cimeo-one",
+                "train_adapter_table@cimeo-two"}
 
 
 @pytest.fixture()
@@ -216,10 +218,13 @@ def dvc_repo(tmp_path, tiny_base, script_env) -> tuple[Path, dict]:
         tasks={name: {"source": "jsonl", "train": str(sources / name / "train.jsonl"),
                       "test": str(sources / name / "test.jsonl"), "train_size": 100, "test_size": 8} for name in TASKS},
         train={**TRAIN, "steps_per_task": 2},  # what the pipeline computes does not matter here, only what runs
-        sequences={"default": list(TASKS), "chat": {"tasks": list(reversed(TASKS)), "steps_per_task": 1, "chat_template": True}},
+        sequences={"default": list(TASKS), "chat": {"tasks": list(reversed(TASKS)), "steps_per_task": 1, "chat_template": True},
+                   "one": [TASKS[0]], "two": [TASKS[1]]},
         methods={"lora": dict(LORA), "cimeo": CIMEO_TINY},
         pipeline={"methods": ["lora", "cimeo"], "sequences": ["default"]},
         cimeo_table={"sequence": "chat", "methods": ["cimeo"]},
+        gorp_table={"sequences": ["one"], "methods": ["cimeo"]},  # the other tables' stages, on the tiny project's methods
+        adapter_table={"sequences": ["two"], "methods": ["cimeo"]},
         cimeo_analysis={"overlap": {"tasks": list(TASKS), "labels": ["multiple", "generate"]},
                         "pair": {"pair": list(TASKS), "labels": ["multiple", "generate"]},
                         "angles": {"proj": "q_proj", "ks": [2, 4]}},
@@ -260,7 +265,8 @@ def test_dvc_repro_runs_once_and_exp_run_reruns_only_the_changed_row(dvc_repo):
     assert read_json(repo / "results" / "eval" / "cimeo-default.json")["chat_template"] is True
     assert read_json(repo / "results" / "eval" / f"{ROW}.json")["chat_template"] is False
     assert read_json(repo / "results" / "base" / "chat.json")["chat_template"] is True
-    assert "CIMEO's Table 1" in (repo / "results" / "tables.md").read_text()
+    tables = (repo / "results" / "tables.md").read_text()
+    assert "CIMEO's Table 1" in tables and "GORP's table" in tables and "Adapter table" in tables
     for name in ("overlap_count", "overlap_count_by_layer", f"overlap_count_by_layer_{TASKS[0]}__{TASKS[1]}", "principal_angles_q_proj"):
         assert (repo / "results" / "cimeo" / f"{name}.png").read_bytes().startswith(PNG_MAGIC), name
 
