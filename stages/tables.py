@@ -7,6 +7,7 @@ Reads, for each row of params.yaml's ``pipeline``, ``cimeo_table``, ``gorp_table
                                      scores; the *_table rows are not merged: the accuracy
                                      matrix's last row is their final score)
   results/base/<sequence>.json       the base model's zero-shot scores (for FWT)
+  results/encoder/<method>.json      the encoder table's rows (stages/train_encoder.py)
 and writes results/tables.md, results/table.csv and results/plots/*.png.
 """
 
@@ -137,6 +138,30 @@ def plot_scores(rows: list[dict], zero_shot: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def encoder_section(results: Path, table: dict, plots: Path) -> tuple[list[str], list[list]]:
+    """The encoder table (stage train_encoder): accuracy and trainable parameters per method, and
+    a PNG of accuracy against trainable parameters (log scale). Returns (Markdown lines, CSV rows)."""
+    rows = [read_json(results / "encoder" / f"{method}.json") for method in table["methods"]]
+    header = ["method", "trainable params", "% of model", "step time (s)", f"{table['task']} accuracy"]
+    lines = [[r["method"], f"{r['trainable_params']:,}", f"{100 * r['trainable_params'] / r['total_params']:.3f}",
+              r["step_time_s"], r["accuracy"]] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["trainable_params"], r["accuracy"], s=40)
+        ax.annotate(r["method"], (r["trainable_params"], r["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel=f"{table['task']} test accuracy",
+           title=f"{rows[0]['model']} on {table['task']}: accuracy vs trainable parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plots / "encoder.png", dpi=120)
+    plt.close(fig)
+    doc = [f"## Encoder table: LoRETTA on `{rows[0]['model']}` ({table['task']}, {table['steps']} steps × batch {table['batch_size']})", "",
+           "A new classification head on the encoder, trained in every row; accuracy on the task's test rows.", "",
+           markdown_table(header, lines), "", "![encoder](plots/encoder.png)", ""]
+    csv_rows = [["encoder", line[0], column, line[k]] for line in lines for k, column in enumerate(header) if k]
+    return doc, csv_rows
+
+
 @cli_entry
 def main(argv=None) -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,6 +208,11 @@ def main(argv=None) -> None:
             plot_scores(rows, rows[0]["zero_shot"], plots / f"scores_{stem}.png")
             plot_losses(rows, plots / f"loss_{stem}.png")
             plot_matrices(rows, plots / f"matrix_{stem}.png")
+        encoder = params.get("encoder_table")
+        if encoder:
+            lines, rows = encoder_section(results, encoder, plots)
+            doc += lines
+            csv_rows += rows
         buffer = io.StringIO()
         csv.writer(buffer).writerows([["table", "method", "column", "value"]] + csv_rows)
         atomic_write_text(results / "table.csv", buffer.getvalue())

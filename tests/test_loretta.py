@@ -279,7 +279,7 @@ def test_zo_adam_resumes_bit_for_bit():
 @pytest.mark.parametrize("change, message", [
     ({"tuning_type": "loretta"}, "--tuning_type 'loretta' is not valid: expected one of loretta_rep, loretta_adp"),
     ({"tt_shapes": ["64:8x4"]}, "--tt_shapes entry '64:8x4': 8x4 = 32, expected a factorisation of 64"),
-    ({"tt_rank": 0}, "--tt_rank must be a positive integer, got 0"),
+    ({"tt_rank": -1}, "--tt_rank must be an integer >= 0 (0: dense matrices), got -1"),
     ({"non_linearity": "swish"}, "--non_linearity 'swish' is not valid"),
     ({"tuning_type": "loretta_adp", "adapter_modules": ["out_proj"]}, "--adapter_modules out_proj matched no linear layer"),
 ])
@@ -312,3 +312,26 @@ def test_help_lists_the_params(loretta_project, capsys, monkeypatch):
     assert (adp.method, adp.tuning_type) == ("loretta_adp", "loretta_adp")
     assert {k: v for k, v in loretta.config_from(adp).items() if k != "tuning_type"} == \
         {k: v for k, v in config.items() if k != "tuning_type"}
+
+
+def test_tt_rank_zero_is_the_dense_baseline(tiny_base, probe):
+    """tt_rank 0 holds the same layers' matrices densely: loretta_rep is then LoRA (peft's count
+    of trainable numbers, and its function: W0·x + (α / r)·B·A·x), loretta_adp a plain bottleneck
+    adapter (Houlsby's) with the norms trainable; both start at the base model."""
+    from peft import LoraConfig, get_peft_model
+
+    _, _, batch = probe
+    base = logits(load_model(tiny_base), batch)
+    lora = get_peft_model(load_model(tiny_base), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    dense = loretta.attach(load_model(tiny_base), dict(ADAPTER, tt_rank=0))
+    assert count_parameters(dense)[0] == count_parameters(lora)[0]
+    torch.testing.assert_close(logits(dense, batch), base, atol=0, rtol=0)
+    layer = next(m for m in dense.modules() if isinstance(m, loretta.TTLoRALinear))
+    assert isinstance(layer.lora_A, loretta.DenseMatrix) and layer.lora_A.full().shape == (8, 64)
+    adp = loretta.attach(load_model(tiny_base), dict(ADAPTER, tuning_type="loretta_adp", tt_rank=0))
+    bottleneck = ADAPTER["bottleneck"]
+    adapters = [m for m in adp.modules() if isinstance(m, loretta.TTAdapterLinear)]
+    dense_numbers = sum(2 * bottleneck * m.base_layer.out_features + bottleneck + m.base_layer.out_features for m in adapters)
+    norms = sum(p.numel() for n, p in adp.named_parameters() if n in loretta.norm_parameter_names(adp))
+    assert count_parameters(adp)[0] == dense_numbers + norms
+    torch.testing.assert_close(logits(adp, batch), base, atol=0, rtol=0)

