@@ -56,7 +56,7 @@ def tiny_params(**overrides) -> dict:
         "sequences": {"default": list(TASKS)},
         "train": dict(TRAIN),
         "methods": {"lora": dict(LORA)},
-        "pipeline": {"methods": ["lora"], "sequences": ["default"]},
+        "pipeline": {"methods": ["lora"], "sequences": ["default"], "start_models": ["lora"]},
         # dvc.yaml's corda_full_decompose stage, tiny: held-out text from write_hamlet_wheel's stand-in
         "corda_full_decompose": {"r": [0, 8], "plain": True, "act_aware": True, "cov_aware": True,
                                  "calib_dataset": "hamlet", "calib_loader_size": 2, "calib_seq_len": 32,

@@ -387,7 +387,7 @@ def test_repository_params_hold_the_papers_defaults(capsys, monkeypatch):
                       "gorp_order3": [yahoo, amazon, agnews, dbpedia]}
     assert all((params["tasks"][t]["train_size"], params["tasks"][t]["test_size"]) == (64, 30) for t in orders["gorp_order1"])
     table = params["gorp_table"]["methods"]
-    assert {"gorp", "o_lora", "lora", "galore", "cimeo"} <= set(table) <= set(params["pipeline"]["methods"])
+    assert {"gorp", "o_lora", "lora", "galore", "cimeo"} <= set(table) <= set(params["pipeline"]["start_models"])
 
 
 # ----------------------------------------------------------------------------- O-LoRA, GORP's baseline

@@ -221,7 +221,7 @@ def dvc_repo(tmp_path, tiny_base, script_env) -> tuple[Path, dict]:
         sequences={"default": list(TASKS), "chat": {"tasks": list(reversed(TASKS)), "steps_per_task": 1, "chat_template": True},
                    "one": [TASKS[0]], "two": [TASKS[1]]},
         methods={"lora": dict(LORA), "cimeo": CIMEO_TINY},
-        pipeline={"methods": ["lora", "cimeo"], "sequences": ["default"]},
+        pipeline={"methods": ["lora", "cimeo"], "sequences": ["default"], "start_models": ["lora", "cimeo"]},
         cimeo_table={"sequence": "chat", "methods": ["cimeo"]},
         gorp_table={"sequences": ["one"], "methods": ["cimeo"]},  # the other tables' stages, on the tiny project's methods
         adapter_table={"sequences": ["two"], "methods": ["cimeo"]},
