@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import fail
-from .projection import AdaRankGrad, randomized_svd
+from .projection import AdaRankGrad, randomized_svd, step_counter
 from .zeroth_order import step_seed
 
 ROLES = ("full", "constrained", "free")  # W; the LoRA factor on M's side; the other LoRA factor
@@ -266,10 +266,7 @@ class GorpAdamW(torch.optim.Optimizer):
         self._seed = seed
 
     def _counter(self) -> dict:
-        if "gorp" not in self.state:
-            base = self._seed if self._seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-            self.state["gorp"] = {"seed": base, "step": 0}
-        return self.state["gorp"]
+        return step_counter(self, "gorp", self._seed)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):

@@ -168,6 +168,16 @@ def _oriented(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (grad, False) if grad.shape[0] <= grad.shape[1] else (grad.T, True)
 
 
+def step_counter(optimizer: torch.optim.Optimizer, key: str, seed: int | None, **extra) -> dict:
+    """``optimizer.state[key]``: the step count and the base seed of the step's randomness (drawn
+    once from torch's global RNG unless given), created at the first step; in the state dict, so a
+    resumed run continues bit for bit."""
+    if key not in optimizer.state:
+        base = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        optimizer.state[key] = {"seed": base, "step": 0, **extra}
+    return optimizer.state[key]
+
+
 class AdaRankGrad(torch.optim.Optimizer):
     """AdaRankGrad (Refael et al., ICLR 2025): Adam in an adaptive-rank gradient subspace.
 
@@ -232,10 +242,7 @@ class AdaRankGrad(torch.optim.Optimizer):
     # -- bookkeeping ----------------------------------------------------------------------------
 
     def _counter(self) -> dict:
-        if "adarankgrad" not in self.state:
-            base = self._seed if self._seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-            self.state["adarankgrad"] = {"seed": base, "step": 0, "refreshes": 0}
-        return self.state["adarankgrad"]
+        return step_counter(self, "adarankgrad", self._seed, refreshes=0)
 
     def ranks(self) -> list[int]:
         """The current rank of every projected matrix (0 before its first step)."""

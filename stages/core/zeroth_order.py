@@ -102,6 +102,13 @@ class _ZerothOrder(torch.optim.Optimizer):
         for generator in self._generators.values():
             generator.manual_seed(seed)
 
+    def _zero_state(self, *keys: str) -> None:
+        """Per-parameter state tensors (moments) as zeros, where a parameter does not have them yet."""
+        for param in (p for g in self.param_groups for p in g["params"]):
+            for key in keys:
+                if key not in self.state[param]:
+                    self.state[param][key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
     def _alloc_buffers(self, count: int) -> None:
         """``count`` flat scratch tensors per (device, dtype), each as large as the largest
         parameter: the only parameter-sized memory a step adds (freed after the step)."""
@@ -308,9 +315,7 @@ class ZOAdaMU(_ZerothOrder):
             raise ValueError("ZOAdaMU.step needs a closure returning the batch loss (no backward)")
         eps = self._same("eps")
         t, seed = self._begin_step()
-        for param in (p for g in self.param_groups for p in g["params"]):
-            if "momentum" not in self.state[param]:
-                self.state[param]["momentum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self._zero_state("momentum")
         s = self.schedule(t)
         self._alloc_buffers(3)
         try:
@@ -420,10 +425,7 @@ class ZOAdam(_ZerothOrder):
             raise ValueError("ZOAdam.step needs a closure returning the batch loss (no backward)")
         eps = self._same("eps")
         t, seed = self._begin_step()
-        for param in (p for g in self.param_groups for p in g["params"]):
-            if "exp_avg" not in self.state[param]:
-                self.state[param]["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                self.state[param]["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self._zero_state("exp_avg", "exp_avg_sq")
         self._alloc_buffers(1)
         try:
             loss_plus, loss_minus = self._two_losses(closure, seed, self._perturb)
