@@ -266,7 +266,6 @@ def test_killed_run_resumes_with_the_weights_of_an_uninterrupted_one(gorp_projec
 
     final = gorp_project / "runs" / "straight" / "final"
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
-    assert sorted(p.name for p in final.parent.iterdir()) == ["final", "train_config.json"]
     _, _, batch = probe_batch(gorp_project)
     expected = logits(reference.unwrapped, batch)
     assert not torch.allclose(expected, logits(load_model("models/base"), batch))
