@@ -80,8 +80,9 @@ def apply_method(model: torch.nn.Module, settings: dict) -> torch.nn.Module:
 
         config = loretta.check_config({key: settings[key] for key in loretta.CONFIG_KEYS})
         model = loretta.attach(model, config)
+        head = head_names(model)
         for name, param in model.named_parameters():  # the new head trains in every form
-            if name in head_names(model):
+            if name in head:
                 param.requires_grad_(True)
         return model
     fail(f"encoder method kind {kind!r} is not valid: expected one of {', '.join(KINDS)}")
