@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml requirements.lock
 repro: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
+# Two workers (pytest-xdist): the suite is mostly single-threaded subprocess start-up.
 test: venv
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2
 
 # One step of every method against its floor and LoRA (needs models/base: `make repro` first).
 bench: venv

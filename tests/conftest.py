@@ -29,6 +29,12 @@ sys.path.insert(0, str(ROOT))  # run from a plain checkout too, before the edita
 
 from stages.core.io import atomic_write_json, write_jsonl  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers: one torch thread each keeps them off each other's core.
+    import torch
+
+    torch.set_num_threads(1)
+
 PYTHON = sys.executable
 VENV_BIN = Path(sys.executable).parent
 SUBPROCESS_TIMEOUT = 300  # seconds; a hung script fails its test instead of the whole session
