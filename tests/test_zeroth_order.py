@@ -183,7 +183,8 @@ def test_step_builds_no_graph_and_no_gradients(name):
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_step_memory_is_near_inference(name):
     """Peak memory of a step (beyond parameters and state) ≤ two forward passes plus the
-    scratch buffers (one largest-parameter tensor for MeZO, three for ZO-AdaMU); a first-order
+    scratch buffers (per thread, one noise chunk for MeZO, three for ZO-AdaMU; bounded here by
+    the largest parameter); a first-order
     step needs more than all gradients together."""
     model = mlp(width=256, depth=6)  # the largest parameter is a seventh of all of them
     x, y = torch.randn(2, 16), torch.randn(2, 1)
@@ -222,6 +223,34 @@ def test_perturbation_is_undone(name):
         opt.step(mse_closure(model, x, y))
     for b, p in zip(before, model.parameters()):
         torch.testing.assert_close(p.detach(), b, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_noise_chunks_are_distinct_draws_and_threads_do_not_change_a_step(name, monkeypatch):
+    """The direction is drawn per chunk of NOISE_CHUNK elements (here 1000), each from its own
+    seeded generator, on torch's thread count: 1 and 2 threads give bit-identical steps, and
+    neighbouring chunks hold different N(0, 1) draws (no chunk repeats another's noise)."""
+    from stages.core import zeroth_order
+
+    monkeypatch.setattr(zeroth_order, "NOISE_CHUNK", 1000)
+    start = torch.randn(4500, generator=torch.Generator().manual_seed(0))
+    threads, results = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            w = torch.nn.Parameter(start.clone())
+            seen = []
+            opt = OPTIMIZERS[name]([w], lr=1e-2, eps=1e-3, seed=5)
+            for _ in range(3):
+                opt.step(lambda: seen.append(w.detach().clone()) or (w[:7] ** 2).sum())  # thread-independent loss
+            results.append((w.detach().clone(), (seen[0] - start) / 1e-3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0])
+    z = results[0][1]
+    chunks = z[:4000].view(4, 1000)
+    assert all(not torch.allclose(chunks[i], chunks[j], atol=1e-3) for i in range(4) for j in range(i + 1, 4))
+    assert abs(z.mean().item()) < 0.1 and abs(z.std().item() - 1) < 0.1
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
