@@ -7,6 +7,7 @@ win), plus the run-level values below; ``--help`` lists them with their params.y
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,8 +94,23 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> Simple
 def check_positive(cfg: SimpleNamespace, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
             fail(f"--{name} must be a positive number, got {value!r}")
+
+
+def check_non_negative(cfg: SimpleNamespace, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name, 0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            fail(f"--{name} must be a number >= 0, got {value!r}")
+
+
+def check_finite(cfg: SimpleNamespace) -> None:
+    """No setting may be nan or ±inf (argparse's float() accepts both)."""
+    for name, value in vars(cfg).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            fail(f"--{name} must be a finite number, got {value!r}")
 
 
 def check_choice(cfg: SimpleNamespace, name: str, choices: Sequence[str]) -> None:

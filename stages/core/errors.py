@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Callable, NoReturn, TypeVar
@@ -18,8 +19,9 @@ def fail(message: str) -> NoReturn:
 
 
 def cli_entry(func: F) -> F:
-    """Run a script's main(): user errors become ``error: <message>`` on stderr and exit 2;
-    Ctrl-C exits 130 after the callee's cleanup (atomic writers remove their temp output)."""
+    """Run a script's main(): user errors become ``error: <message>`` on stderr and exit 2; a full
+    disk exits 1 with one line too; Ctrl-C exits 130 after the callee's cleanup (atomic writers
+    remove their temp output)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -28,6 +30,13 @@ def cli_entry(func: F) -> F:
         except AdaptlabError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" writing {err.filename}" if err.filename else ""
+            print(f"error: disk full{where} ({err.strerror}); nothing was published: free space and run again",
+                  file=sys.stderr)
+            sys.exit(1)
         except KeyboardInterrupt:
             print("error: interrupted; completed work is checkpointed, run again to resume", file=sys.stderr)
             sys.exit(130)

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import resource
 import shutil
 import statistics
@@ -41,6 +42,10 @@ from .evaluation import Evaluator
 from .io import atomic_dir, atomic_write_json, read_json
 from .models import load_model, load_tokenizer
 from .tasks import load_task
+
+# Training diverged when a step's loss is not finite or above DIVERGED × max(the task's first
+# step's loss, 1 nat) (the floor keeps a task that starts near 0 from tripping on noise).
+DIVERGED = 10.0
 
 BuildFn = Callable[[PreTrainedModel, SimpleNamespace, "Context"], torch.nn.Module]
 OptimizerFn = Callable[[torch.nn.Module, SimpleNamespace, "Context"], torch.optim.Optimizer]
@@ -183,7 +188,10 @@ def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNam
             fail(f"--init '{cfg.init}' has no init.json: expected a folder written by stages/decompose.py")
         cfg.base_model = read_json(init_file)["base_model"]
     cfg.tasks = cfglib.sequence_tasks(params, cfg.sequence)
-    cfglib.check_positive(cfg, "lr", "batch_size", "grad_accum", "steps_per_task", "max_length", "checkpoint_every", "log_every")
+    cfglib.check_finite(cfg)
+    cfglib.check_positive(cfg, "lr", "batch_size", "grad_accum", "steps_per_task", "max_length", "checkpoint_every", "log_every",
+                          "eval_batch_size")
+    cfglib.check_non_negative(cfg, "weight_decay", "max_grad_norm", "eval_limit")
     cfglib.check_choice(cfg, "scheduler", ["cosine", "linear", "constant", "constant_with_warmup"])
     cfglib.check_choice(cfg, "mixed_precision", ["no", "bf16", "fp16"])
     if not 0 <= cfg.warmup_ratio < 1:
@@ -326,7 +334,11 @@ class Trainer:
         self.encoded = [encode_rows(t.train, self.tokenizer, cfg.max_length, t.name, encode) for t in self.tasks]
         self.work = WorkDir(cfg.work_dir, fingerprint(cfg), self.accelerator.is_main_process)
         self.context = Context(self.tokenizer, self.tasks, self.encoded, self.work.root)
-        model = method.build(load_model(cfg.base_model), cfg, self.context)
+        model = load_model(cfg.base_model)
+        try:
+            model = method.build(model, cfg, self.context)
+        except ValueError as err:  # peft's and our checks of a method's settings against the model
+            fail(f"method '{method.name}' cannot be applied to '{cfg.base_model}': {str(err).strip().splitlines()[0]}")
         self.tuned = {n for n, p in model.named_parameters() if p.requires_grad}
         if not self.tuned:
             fail(f"method '{method.name}' left no trainable parameters")
@@ -410,8 +422,11 @@ class Trainer:
             local_loss = self.method.train_step(StepInputs(self.model, batches, optimizer, acc, cfg))
             scheduler.step()
             loss = acc.reduce(torch.tensor(local_loss, device=acc.device), "mean").item()
-            if not torch.isfinite(torch.tensor(loss)):
-                fail(f"loss is {loss} at step {step + 1} of task '{task.name}'; the last good checkpoint is kept in {self.work.state_dir}")
+            first = history.setdefault("first_loss", loss)
+            if not math.isfinite(loss) or loss > DIVERGED * max(first, 1.0):
+                kept = f"the last good checkpoint is kept in {self.work.state_dir}" if self.work.state_dir.is_dir() else \
+                    "no checkpoint was written yet (lower --lr or --checkpoint_every)"
+                fail(f"training diverged: loss {loss:.4g} at step {step + 1} of task '{task.name}' (first step {first:.4g}); {kept}")
             history["step_time"].append(time.perf_counter() - began)
             window.append(loss)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps_per_task:

@@ -116,8 +116,12 @@ def read_rows(path: Path, kind: str) -> list[dict]:
     if not path.is_file():
         fail(f"{path}: not found; build the task data first (python stages/fetch_data.py)")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                fail(f"{path} line {number}: not valid UTF-8 ({err.reason} at byte {err.start})")
             if not line.strip():
                 continue
             try:

@@ -1,0 +1,57 @@
+"""Run a script, pausing at a chosen point so a test can interrupt it exactly there.
+
+    python tests/pause_in.py <point> <script> [args...]
+
+point is ``module:attribute`` (``stages.core.evaluation:Evaluator.score``): once that function
+has returned for the first time the process prints ``PAUSED`` and sleeps, so the stage is caught
+mid-run with its work done but not published. ``stages.core.io:atomic_dir`` pauses inside the
+output folder's context, after everything was written to the temporary folder and before the
+rename that publishes it.
+"""
+
+import contextlib
+import functools
+import importlib
+import runpy
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def pause() -> None:
+    print("PAUSED", flush=True)
+    time.sleep(600)
+
+
+def install(point: str) -> None:
+    module_name, attribute = point.split(":")
+    owner = importlib.import_module(module_name)
+    *path, name = attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    original = getattr(owner, name)
+    if point == "stages.core.io:atomic_dir":
+        @contextlib.contextmanager
+        def paused(*args, **kwargs):
+            with original(*args, **kwargs) as tmp:
+                yield tmp
+                pause()
+        setattr(owner, name, paused)
+        return
+
+    @functools.wraps(original)
+    def paused_after(*args, **kwargs):
+        result = original(*args, **kwargs)
+        pause()
+        return result
+    setattr(owner, name, paused_after)
+
+
+if __name__ == "__main__":
+    install(sys.argv[1])
+    script = sys.argv[2]
+    sys.argv = [script, *sys.argv[3:]]
+    runpy.run_path(str(ROOT / script), run_name="__main__")
