@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -275,6 +278,17 @@ def test_dvc_repro_runs_once_and_exp_run_reruns_only_the_changed_row(dvc_repo):
     assert "Data and pipelines are up to date." in second.stdout
 
     commit(repo, env, "first results")
+    # Ctrl-C while the LoRA row trains (r changed): nothing of the row is recorded, so the next
+    # run redoes that row and only it (and the table it feeds).
+    logs = repo.parent / "interrupted.log"
+    with open(logs, "w") as log:
+        interrupted = subprocess.Popen([VENV_BIN / "dvc", "exp", "run", "-S", "methods.lora.r=4"], cwd=repo, env=env,
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not any((repo / "checkpoints" / ROW).glob("*")) and interrupted.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(interrupted.pid, signal.SIGINT)
+    assert interrupted.wait(timeout=300) != 0, logs.read_text()[-3000:]
     experiment = dvc(repo, env, "exp", "run", "-S", "methods.lora.r=4")
     ran = ran_stages(experiment.stdout)
     assert {f"train@{ROW}", f"merge@{ROW}", f"evaluate@{ROW}", "train_gorp_table@lora-chat", "tables"} <= ran, experiment.stdout
@@ -286,3 +300,26 @@ def test_dvc_repro_runs_once_and_exp_run_reruns_only_the_changed_row(dvc_repo):
     assert f"results/train/{ROW}/metrics.json" in metrics.stdout and "AP" in metrics.stdout
     diff = dvc(repo, env, "params", "diff")
     assert re.search(r"methods\.lora\.r\s+8\s+4", diff.stdout), diff.stdout
+
+    # Two queued experiments at once (dvc queue start -j 2), each in its own temporary workspace
+    # over the shared DVC cache: both succeed, and each one's outputs come back intact.
+    for r in (2, 16):
+        dvc(repo, env, "exp", "run", "--queue", "-S", f"methods.lora.r={r}")
+    dvc(repo, env, "queue", "start", "-j", "2")
+    try:
+        deadline = time.monotonic() + 1500
+        while re.search(r"\b(Queued|Running)\b", status := dvc(repo, env, "queue", "status").stdout) and time.monotonic() < deadline:
+            time.sleep(3)
+    finally:
+        run_cmd([VENV_BIN / "dvc", "queue", "stop", "--kill"], repo, env)
+    assert status.count("Success") == 2, status
+    shown = list(csv.DictReader(dvc(repo, env, "exp", "show", "--csv").stdout.splitlines()))
+    names = {int(row["methods.lora.r"]): row["Experiment"] for row in shown if row.get("Experiment")
+             and row.get("methods.lora.r") in ("2", "16")}
+    assert sorted(names) == [2, 16], shown
+    for r, name in names.items():
+        dvc(repo, env, "exp", "apply", name)
+        assert read_json(repo / "runs" / ROW / "final" / "adapter_config.json")["r"] == r
+        assert read_json(repo / "runs" / "lora-chat" / "final" / "adapter_config.json")["r"] == r
+        assert f"| lora |" in (repo / "results" / "tables.md").read_text()
+    assert "up to date" in dvc(repo, env, "status").stdout  # outputs, cache and lock agree

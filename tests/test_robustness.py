@@ -101,6 +101,23 @@ def test_a_method_the_model_cannot_take_is_one_error_line(project, tmp_path, mon
     assert not (workspace / "runs").exists()
 
 
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left_and_a_long_answer_is_an_error(project):
+    """The answer is what is learned: a prompt too long for max_length loses its start; an answer
+    that alone fills the context is one error naming the row."""
+    from stages.core.batches import IGNORE_INDEX, encode_example
+    from stages.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(project / "models" / "base")
+    row = {"id": "long", "prompt": "the plot was superb and " * 40 + "Sentiment:", "answer": "positive"}
+    encoded = encode_example(row, tokenizer, 32, "task 'mc' row long")
+    assert len(encoded["input_ids"]) == len(encoded["labels"]) == 32
+    learned = [token for token, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+    assert learned[-1] == tokenizer.eos_token_id and tokenizer.decode(learned[:-1]).strip() == "positive"
+    assert tokenizer.decode(encoded["input_ids"]).removesuffix(tokenizer.eos_token).endswith("Sentiment: positive")
+    with pytest.raises(AdaptlabError, match=r"task 'mc' row long: answer is \d+ tokens, longer than max_length 32"):
+        encode_example({**row, "answer": "positive " * 39 + "positive"}, tokenizer, 32, "task 'mc' row long")
+
+
 # ----------------------------------------------------------------------------- interruptions
 
 # stage -> (the point to pause at, the script and its arguments, the output it must not publish)
