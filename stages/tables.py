@@ -163,6 +163,20 @@ def encoder_section(results: Path, table: dict, plots: Path) -> tuple[list[str],
 
 
 @cli_entry
+def orders_section(by_order: dict[str, list[dict]]) -> tuple[list[str], list[list]]:
+    """GORP's headline: each method's AP on every task order, and AP and BWT averaged over them."""
+    orders = list(by_order)
+    methods = [r["method"] for r in by_order[orders[0]]]
+    header = ["method"] + [f"AP {o}" for o in orders] + ["mean AP", "mean BWT"]
+    table = []
+    for i, method in enumerate(methods):
+        aps = [by_order[o][i]["AP"] for o in orders]
+        bwts = [by_order[o][i]["BWT"] for o in orders]
+        table.append([method] + aps + [sum(aps) / len(aps), sum(bwts) / len(bwts)])
+    lines = [f"## GORP's table over the orders: {', '.join(orders)}", "", markdown_table(header, table), ""]
+    return lines, [["gorp_orders", line[0], column, line[k]] for line in table for k, column in enumerate(header) if k]
+
+
 def main(argv=None) -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=None)
@@ -189,9 +203,12 @@ def main(argv=None) -> None:
         groups += [(f"Adapter table: LoRAN and LoRETTA against LoRA on `{s}`", s, adapters["methods"], False, f"adapters_{s}")
                    for s in adapters["sequences"]]
     csv_rows = []
+    by_order: dict[str, list[dict]] = {}
     with atomic_dir(results / "plots") as plots:
         for title, sequence, methods, merged, stem in groups:
             rows = [load_row(results, method, sequence, merged) for method in methods]
+            if stem.startswith("gorp_"):
+                by_order[sequence] = rows
             header, table = summary_rows(rows, rows[0]["zero_shot"])
             final = ("Final scores from the merged model." if merged else
                      "Final scores are the accuracy matrix's last row (scored in-process after the last task; not merged).")
@@ -208,6 +225,10 @@ def main(argv=None) -> None:
             plot_scores(rows, rows[0]["zero_shot"], plots / f"scores_{stem}.png")
             plot_losses(rows, plots / f"loss_{stem}.png")
             plot_matrices(rows, plots / f"matrix_{stem}.png")
+            if gorp and len(gorp["sequences"]) > 1 and stem == f"gorp_{gorp['sequences'][-1]}":
+                lines, extra = orders_section(by_order)
+                doc += lines
+                csv_rows += extra
         encoder = params.get("encoder_table")
         if encoder:
             lines, rows = encoder_section(results, encoder, plots)

@@ -443,3 +443,16 @@ def test_o_lora_script_saves_a_plain_model(gorp_project, script_env):
     metrics = json.loads((gorp_project / "results" / "train" / "o_lora-script" / "metrics.json").read_text())
     assert set(metrics["matrix"]) == {"after_mc", "after_gen"}
     assert load_model(final) is not None
+
+
+def test_tables_average_ap_and_bwt_over_the_orders():
+    """GORP's headline table: every order's AP per method, then AP and BWT averaged over the orders."""
+    from stages.tables import orders_section
+
+    by_order = {"o1": [{"method": "gorp", "AP": 0.6, "BWT": 0.0}, {"method": "lora", "AP": 0.4, "BWT": -0.1}],
+                "o2": [{"method": "gorp", "AP": 0.5, "BWT": 0.1}, {"method": "lora", "AP": 0.5, "BWT": -0.2}]}
+    lines, csv_rows = orders_section(by_order)
+    text = "\n".join(lines)
+    assert "| method | AP o1 | AP o2 | mean AP | mean BWT |" in text
+    assert "| gorp | 0.600 | 0.500 | 0.550 | 0.050 |" in text and "| lora | 0.400 | 0.500 | 0.450 | -0.150 |" in text
+    assert ["gorp_orders", "lora", "mean BWT", pytest.approx(-0.15)] in csv_rows
