@@ -102,8 +102,8 @@ class _Draws:
         param = self.chunk.param
         key, size = (param.device, param.dtype, i), self.chunk.end - self.chunk.start
         buffer = self.local.buffers.get(key)
-        if buffer is None or buffer.numel() < size:
-            buffer = self.local.buffers[key] = torch.empty(max(size, NOISE_CHUNK), device=param.device, dtype=param.dtype)
+        if buffer is None or buffer.numel() < size:  # grows to the largest chunk seen (at most NOISE_CHUNK)
+            buffer = self.local.buffers[key] = torch.empty(size, device=param.device, dtype=param.dtype)
         view = buffer[:size]
         return view.view_as(param) if size == param.numel() else view  # shaped as _Chunk.of gives it
 
