@@ -162,7 +162,6 @@ def encoder_section(results: Path, table: dict, plots: Path) -> tuple[list[str],
     return doc, csv_rows
 
 
-@cli_entry
 def orders_section(by_order: dict[str, list[dict]]) -> tuple[list[str], list[list]]:
     """GORP's headline: each method's AP on every task order, and AP and BWT averaged over them."""
     orders = list(by_order)
@@ -177,6 +176,7 @@ def orders_section(by_order: dict[str, list[dict]]) -> tuple[list[str], list[lis
     return lines, [["gorp_orders", line[0], column, line[k]] for line in table for k, column in enumerate(header) if k]
 
 
+@cli_entry
 def main(argv=None) -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=None)

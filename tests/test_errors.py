@@ -42,6 +42,16 @@ def truncated_model_and_adapter(workspace: Path, project: Path) -> None:
     (workspace / "adapter").symlink_to(project / "runs" / ROW / "final", target_is_directory=True)
 
 
+def corrupt_results(workspace: Path) -> None:
+    """The LoRA row's results, its metrics.json cut off mid-write."""
+    results = workspace / "results"
+    for path, text in ((results / "train" / ROW / "metrics.json", '{"method": "lora", "AP": 0.5'),
+                       (results / "base" / "default.json", '{"scores": {"mc": 0.5, "gen": 0.5}}'),
+                       (results / "eval" / f"{ROW}.json", '{"scores": {"mc": 0.5, "gen": 0.5}}')):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 @dataclass
 class Case:
     script: str
@@ -72,6 +82,12 @@ CASES = {
     "merge-truncated-base-model": Case("stages/merge.py", ("--base_model", "broken-model", "--adapter", "adapter",
                                                            "--output_path", "merged-model"),
                                        ("cannot load model 'broken-model'",), prepare=truncated_model_and_adapter),
+    # stages/tables.py and stages/build_base.py
+    "tables-missing-row": Case("stages/tables.py", (), ("row 'lora-default' has no", "dvc repro")),
+    "tables-corrupt-metrics": Case("stages/tables.py", (), ("results/train/lora-default/metrics.json: not valid JSON",),
+                                   prepare=lambda ws, project: corrupt_results(ws)),
+    "build-base-missing-source": Case("stages/build_base.py", ("--source", "/nonexistent-model", "--out", "built"),
+                                      ("'/nonexistent-model'",)),
     "merge-missing-adapter": Case("stages/merge.py", ("--base_model", "models/base", "--adapter", "runs/nope/final",
                                                       "--output_path", "merged-model"), ("'runs/nope/final'",)),
 }

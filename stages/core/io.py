@@ -18,6 +18,27 @@ def _umask() -> int:
     return mask
 
 
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost ancestor of ``folder`` (itself included) that does not exist yet."""
+    missing = None
+    for candidate in [folder, *folder.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _prune(folder: Path, top: Path | None) -> None:
+    """Remove the empty folders from ``folder`` up to ``top``: the ones a failed write created."""
+    if top is None:
+        return
+    for candidate in [folder, *folder.parents]:
+        with contextlib.suppress(OSError):
+            candidate.rmdir()  # only if empty
+        if candidate == top:
+            break
+
+
 def _tmp_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed (SIGKILL) writer
@@ -32,6 +53,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename,
     on any error (or Ctrl-C) it is deleted and ``path`` is left as it was."""
     path = Path(path)
+    created = _first_missing(path.parent)
     tmp = _tmp_sibling(path)
     try:
         yield tmp
@@ -45,11 +67,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _prune(path.parent, created)
         raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
+    created = _first_missing(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -62,6 +86,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _prune(path.parent, created)
         raise
 
 
@@ -74,5 +99,11 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    """A JSON file; a corrupt one (half-written by a killed job, edited by hand) is one error line."""
+    from .errors import fail
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        fail(f"{path}: not valid JSON ({err}): delete it and re-run the stage that writes it")
