@@ -91,18 +91,20 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> Simple
     return SimpleNamespace(**vars(parser.parse_args(argv)))
 
 
-def check_positive(cfg: SimpleNamespace, *names: str) -> None:
+def _check_numbers(cfg: SimpleNamespace, names: Sequence[str], allow_zero: bool) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            fail(f"--{name} must be a positive number, got {value!r}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < 0 or (value == 0 and not allow_zero):
+            fail(f"--{name} must be {'a number >= 0' if allow_zero else 'a positive number'}, got {value!r}")
+
+
+def check_positive(cfg: SimpleNamespace, *names: str) -> None:
+    _check_numbers(cfg, names, allow_zero=False)
 
 
 def check_non_negative(cfg: SimpleNamespace, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name, 0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            fail(f"--{name} must be a number >= 0, got {value!r}")
+    _check_numbers(cfg, names, allow_zero=True)
 
 
 def check_finite(cfg: SimpleNamespace) -> None:
