@@ -195,6 +195,10 @@ class _ZerothOrder(torch.optim.Optimizer):
             for chunk in chunks:
                 run(chunk)
 
+    def _perturb(self, seed: int, scale: float) -> None:
+        """θ += scale·ε·z, z the step's N(0, I) direction (MeZO's and ZO-Adam's; ZO-AdaMU perturbs by its momentum)."""
+        self._for_chunks(seed, lambda c, draws: c.of(c.param).add_(draws.normal(0), alpha=scale * c.group["eps"]))
+
     def _same(self, key: str) -> float:
         values = {g[key] for g in self.param_groups}
         if len(values) != 1:
@@ -255,9 +259,6 @@ class MeZO(_ZerothOrder):
         if lr < 0 or eps <= 0 or weight_decay < 0:
             raise ValueError(f"MeZO: need lr >= 0, eps > 0, weight_decay >= 0 (got {lr}, {eps}, {weight_decay})")
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay}, seed)
-
-    def _perturb(self, seed: int, scale: float) -> None:
-        self._for_chunks(seed, lambda c, draws: c.of(c.param).add_(draws.normal(0), alpha=scale * c.group["eps"]))
 
     def _restore_and_update(self, seed: int, g: float) -> None:
         def work(c: _Chunk, draws: _Draws) -> None:
@@ -352,7 +353,7 @@ class ZOAdaMU(_ZerothOrder):
         m = torch.mul(z_dot, s["beta1"], out=draws.scratch(2)).add_(z_ddot, alpha=1.0 - s["beta1"])
         return z_dot, z_ddot, m
 
-    def _perturb(self, seed: int, s: dict, scale: float) -> None:
+    def _perturb_by_momentum(self, seed: int, s: dict, scale: float) -> None:
         self._for_chunks(seed, lambda c, draws: c.of(c.param).add_(self._components(c, draws, s)[2],
                                                                       alpha=scale * c.group["eps"]))
 
@@ -379,7 +380,7 @@ class ZOAdaMU(_ZerothOrder):
         t, seed = self._begin_step()
         self._zero_state("momentum")
         s = self.schedule(t)
-        loss_plus, loss_minus = self._two_losses(closure, seed, lambda sd, scale: self._perturb(sd, s, scale))
+        loss_plus, loss_minus = self._two_losses(closure, seed, lambda sd, scale: self._perturb_by_momentum(sd, s, scale))
         g = self._projected_grad(loss_plus, loss_minus, eps)
         self._restore_and_update(seed, s, g)
         self._end_step(t)
@@ -454,9 +455,6 @@ class ZOAdam(_ZerothOrder):
             raise ValueError(f"ZOAdam: betas must be in [0, 1), got {betas}")
         super().__init__(params, {"lr": lr, "eps": eps, "betas": tuple(betas), "adam_eps": adam_eps,
                                   "weight_decay": weight_decay}, seed)
-
-    def _perturb(self, seed: int, scale: float) -> None:
-        self._for_chunks(seed, lambda c, draws: c.of(c.param).add_(draws.normal(0), alpha=scale * c.group["eps"]))
 
     def _restore_and_update(self, seed: int, g: float, t: int) -> None:
         def work(c: _Chunk, draws: _Draws) -> None:
