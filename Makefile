@@ -1,11 +1,11 @@
-# adaptlab: `make repro` runs the whole default pipeline, `make test` the test suite.
+# adaptlab: `make repro` reproduces the first table, `make test` runs the test suite.
 # Both create the virtual environment first (CPU torch 2.13.0 + the pinned requirements.lock).
 
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv repro test bench clean
+.PHONY: venv plan repro repro-all test test-quick lint bench clean
 
 venv: $(STAMP)
 
@@ -23,12 +23,25 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --no-deps -e .
 	touch $(STAMP)
 
-repro: venv
-	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+# dvc.yaml's run list, derived from params.yaml's tables (run after editing them).
+plan: venv
+	$(PY) stages/plan.py
+
+# The first table (params.yaml: tables.quick): its stages are the full tables' own, so a later
+# `make repro-all` (= dvc repro) reuses them. Prints what will run and how long it should take.
+repro: plan
+	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/repro.py tables@quick
+
+# Every table.
+repro-all: plan
+	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/repro.py
 
 # Two workers (pytest-xdist): the suite is mostly single-threaded subprocess start-up.
 test: venv
 	$(VENV)/bin/pytest -q -n 2
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 # One step of every method against its floor and LoRA (needs models/base: `make repro` first).
 bench: venv

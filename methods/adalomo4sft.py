@@ -13,10 +13,10 @@ its gradient is complete and frees that gradient, so no full set of gradients is
 the optimizer state is O(m + n) per matrix (memory ≈ weights + activations + one gradient).
 Global gradient clipping is replaced by the grouped normalisation (max_grad_norm 0; > 0 runs
 LOMO's two-backward clipping). --grad_accum must be 1; fp16 mixed precision is refused.
-Optimizer and train step: stages/core/adalomo.py (AdaLomo, adalomo_step).
+Optimizer and train step: methods/adalomo.py (AdaLomo, adalomo_step).
 """
 
-from stages.core.adalomo import adalomo_step, build_adalomo
+from methods.adalomo import adalomo_step, build_adalomo
 from stages.core.sft import Method, main
 
 

@@ -14,15 +14,14 @@ Moments of W: 2·r·max(m, n) numbers, at most rank_max / min(m, n) of AdamW's; 
 norms get plain AdamW. Paper defaults (7B-class, hidden 4096): rank_max 128, rank step 8,
 gap 200, information threshold 0.2 (read here as the energy the subspace may lose: energy 0.8);
 see params.yaml methods.adarankgrad for the SmolLM2 values.
-Optimizer: stages/core/projection.py AdaRankGrad (its docstring has the details).
+Optimizer: methods/projection.py AdaRankGrad (its docstring has the details).
 """
 
 from types import SimpleNamespace
 
+from methods.projection import AdaRankGrad, projection_groups
 from stages.core.config import check_choice
-from stages.core.projection import AdaRankGrad, projection_groups
-from stages.core.sft import Method, main
-from stages.core.zeroth_order import build_tuned
+from stages.core.sft import Method, build_tuned, main
 
 
 def build(model, cfg, ctx):

@@ -3,7 +3,7 @@
     python methods/build_cimeo_masks.py --model_id models/base --sequence cognition --strategy max \\
         --density 0.1 --objective sft --out_dir masks/cimeo
     python methods/build_cimeo_masks.py --tasks qa_wikidata winowhy --batches 4 --out_dir /tmp/masks
-    python methods/build_cimeo_masks.py --method cimeo --sequence default cognition --save_model --save_path models/init/cimeo/model
+    python methods/build_cimeo_masks.py --method cimeo --sequence default --save_model --save_path models/init/cimeo-default/model
 
 --sequence takes one or more sequences (their tasks, each once). For every task: its training rows are encoded like the method trains on them (--objective sft:
 chat template, loss on the answer; pretrain: every token of the plain text), and the model runs
@@ -17,9 +17,8 @@ each entry is counted whenever its |grad| is in the top --density fraction of th
 Writes, atomically, <out_dir>/<task>.safetensors (one tensor of sorted flat indices into
 W.view(-1) per weight name, int32) and <out_dir>/masks.json (settings, the model's fingerprint,
 per-task counts). --save_model --save_path P (what stages/decompose.py passes when a method's
-params have `decompose: {script: build_cimeo_masks.py}`) writes the model itself to P (the files of
---model_id copied byte for byte) and the masks to P/cimeo_masks, where the CIMEO method scripts
-find them when they start from P.
+params have `decompose: {script: build_cimeo_masks.py}`) writes the masks to P/cimeo_masks, where
+methods/cimeo4sft.py finds them when its --base_model is the decompose stage's folder.
 
 --method NAME takes the defaults of --strategy, --density, --batches (mask_batches),
 --batch_size (mask_batch_size), --max_length and --targets (target_modules) from params.yaml
@@ -29,23 +28,19 @@ methods.NAME (over train:); explicit flags win.
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from stages.core import cimeo  # noqa: E402
-from stages.core.batches import encode_rows  # noqa: E402
-from stages.core.config import OneLineParser, load_params, section, sequence_tasks  # noqa: E402
-from stages.core.errors import cli_entry, fail  # noqa: E402
-from stages.core.io import atomic_dir  # noqa: E402
-from stages.core.models import load_model, load_tokenizer  # noqa: E402
-from stages.core.tasks import load_task  # noqa: E402
+from methods import cimeo
+from stages.core.batches import encode_rows
+from stages.core.config import OneLineParser, load_params, section, sequence_tasks
+from stages.core.errors import cli_entry, fail
+from stages.core.io import atomic_dir
+from stages.core.models import load_model, load_tokenizer
+from stages.core.tasks import load_task
 
 FALLBACKS = {"strategy": "max", "density": 0.1, "batches": 0, "batch_size": 8, "max_length": 128,
              "targets": cimeo.DEFAULT_TARGETS, "objective": "sft", "seed": 0}
@@ -69,10 +64,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--objective", default=None, help="sft (chat template, loss on the answer) | pretrain (every token)")
     p.add_argument("--max_length", type=int, default=None, help="tokens per row at most (default: train.max_length)")
     p.add_argument("--targets", nargs="+", default=None, help="weight matrices to mask (default: q,k,v,o,gate,up,down_proj)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the random strategy (default: params seed)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random strategy (default: 0)")
     p.add_argument("--tasks_dir", default="data/tasks")
     p.add_argument("--out_dir", default=None, help="output folder of the masks")
-    p.add_argument("--save_model", action="store_true", help="also write the model to --save_path, masks in <save_path>/cimeo_masks")
+    p.add_argument("--save_model", action="store_true", help="the decompose stage's form: masks in <save_path>/cimeo_masks")
     p.add_argument("--save_path", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p.parse_args(argv)
@@ -87,9 +82,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key, fallback in FALLBACKS.items():
         if getattr(args, key) is None:
             source = FROM_METHOD.get(key)
-            if key == "seed":
-                value = params.get("seed", fallback)
-            elif source and source in method:
+            if source and source in method:
                 value = method[source]
             else:
                 value = fallback
@@ -124,19 +117,6 @@ def check_args(args: argparse.Namespace) -> None:
         fail("give --out_dir (or --save_model --save_path)")
 
 
-def save_model_copy(model_id: str, model, tokenizer, dest: Path) -> None:
-    """The model at ``dest``: a folder's files copied byte for byte (so DVC stores them once),
-    a hub model saved with save_pretrained."""
-    source = Path(model_id)
-    if source.is_dir():
-        for item in source.iterdir():
-            if item.is_file():
-                shutil.copy2(item, dest / item.name)
-    else:
-        model.save_pretrained(dest, safe_serialization=True)
-        tokenizer.save_pretrained(dest)
-
-
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = resolve(parse_args(argv))
@@ -166,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{0 if args.strategy == 'random' else n_batches} batches of {args.batch_size}) in {seconds[task.name]} s")
     meta = dict(settings, model_id=str(args.model_id), model_fingerprint=fingerprint, seconds=seconds)
     if args.save_model:
-        with atomic_dir(args.save_path) as tmp:
-            save_model_copy(args.model_id, model, tokenizer, tmp)
+        with atomic_dir(args.save_path) as tmp:  # masks only: CIMEO trains from the base model itself
             cimeo.save_masks(tmp / cimeo.MASKS_IN_MODEL, masks, meta)
         where = Path(args.save_path) / cimeo.MASKS_IN_MODEL
     else:

@@ -56,24 +56,21 @@ import math
 import os
 import random
 import re
-import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from stages.core.batches import encode_example  # noqa: E402
-from stages.core.config import OneLineParser  # noqa: E402
-from stages.core.errors import cli_entry, fail  # noqa: E402
-from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text  # noqa: E402
-from stages.core.models import copy_tokenizer, load_model, load_tokenizer  # noqa: E402
-from stages.core.tasks import available_tasks, load_task, package_archive  # noqa: E402
+from stages.core.batches import encode_example
+from stages.core.config import OneLineParser
+from stages.core.errors import cli_entry, fail
+from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from stages.core.models import copy_tokenizer, load_model, load_tokenizer
+from stages.core.tasks import available_tasks, load_task, package_archive
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 # Texts carried by packages (no dataset hub offline): name -> (package, version, member).

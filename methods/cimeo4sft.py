@@ -1,4 +1,4 @@
-"""CIMEO, supervised fine-tuning form (cimeo4sft.py): cognition-specific sparse continual fine-tuning.
+"""CIMEO: cognition-specific sparse continual fine-tuning, in its two forms (--objective).
 
 Update rule. Before training, every task c of the sequence gets an index set I_c per target
 weight matrix W (q/k/v/o/gate/up/down projections; never embeddings or the LM head): on the base
@@ -14,13 +14,13 @@ the tied embedding / LM head) are trained with dense AdamW (--dense all, as the 
 frozen (--dense norms: only norms dense; --dense none: nothing but the masked entries changes).
 Seed setting: Qwen2.5-1.5B, lr 1e-5 cosine, one epoch per task.
 
-This form: the tokenizer's chat template, user turn = prompt, assistant turn = answer; the loss
-is on the assistant turn only (stages/core/cimeo.py encode_chat). methods/cimeo4pretrain.py is
-the same update on the plain text with the loss on every token.
+Forms: --objective sft (methods.cimeo): the tokenizer's chat template, user turn = prompt,
+assistant turn = answer, the loss on the assistant turn only; --objective pretrain
+(methods.cimeo_pretrain, a params section naming this script): the plain text, the loss on every
+token of prompt + answer. The masks are ranked on the same loss as training.
 
 Masks come from (first found): --masks DIR (written by methods/build_cimeo_masks.py); the
-`cimeo_masks` folder beside the starting model (build_cimeo_masks.py --save_model, run by the
-decompose stage); else they are computed in-process on the base model into the run's work dir
+decompose stage's folder given as --base_model (build_cimeo_masks.py --save_model); else they are computed in-process on the base model into the run's work dir
 (--mask_batches, --mask_batch_size). A mask that is missing, or was built for another model or
 with another strategy / density / objective, is refused before training starts.
 
@@ -28,10 +28,10 @@ Memory: the moments hold density x the target weights (plus the dense parameters
 still computed densely by autograd. The core's clipping (--max_grad_norm) sees the whole gradient.
 """
 
-from stages.core.cimeo import make_method
+from methods.cimeo import make_method
 from stages.core.sft import main
 
-METHOD = make_method("cimeo", "sft", __doc__)
+METHOD = make_method(__doc__)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -10,30 +10,23 @@ calibrated on the fine-tuning task), puts the r LARGEST. The frozen base is the 
 W − B·A, so the model is unchanged at step 0; then AdamW on A and B as in LoRA
 (h = W_res·x + (alpha/r)·B·A·x).
 
-The decomposition is its own step (methods/build_corda.py, run by stages/decompose.py from the
-method's `decompose:` params); this script trains from what it saved:
-    python methods/corda4sft.py --init models/init/corda_kpa
---init's init.json names the decomposed model (cfg.base_model: the residual weights) and the
-method (corda_kpa, corda_ipa: the params.yaml section, hence the run's row); --method_name
-overrides it. The initial adapter <base_model>/corda_init is loaded trainable with plain peft.
-Saved adapters are plain LoRA adapters relative to the decomposed model: merge them onto it
-(stages/merge.py --run runs/<row> reads it from train_config.json), never onto the original base.
+The decomposition is its own step (methods/build_corda.py, run by the decompose stage from the
+row's `decompose:` params); this script trains from what it saved. Two rows read it: KPA
+(methods.corda_kpa, the default) and IPA (methods.corda_ipa):
+    python stages/decompose.py --method corda_ipa --out models/init/corda_ipa
+    python methods/corda4sft.py --method corda_ipa --base_model models/init/corda_ipa
+The decompose folder's init.json names the decomposed model (the residual weights, the run's
+base model); its initial adapter <model>/corda_init is loaded trainable with plain peft. Saved
+adapters are plain LoRA adapters relative to the decomposed model: merge them onto it
+(stages/merge.py --run runs/<run> reads it from train_config.json), never onto the original base.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-from typing import Sequence
 
-from stages.core.errors import AdaptlabError, fail
-from stages.core.io import read_json
+from stages.core.errors import fail
 from stages.core.sft import Method, main
-
-# The params.yaml section (= the row) when neither --method_name nor --init names one.
-# methods/corda_kpa4sft.py and corda_ipa4sft.py (what dvc.yaml runs) pass their own.
-DEFAULT_NAME = "corda_kpa"
 
 
 def build(model, cfg, ctx):
@@ -42,7 +35,7 @@ def build(model, cfg, ctx):
     init = Path(cfg.base_model) / "corda_init"
     if not (init / "adapter_config.json").is_file():
         fail(f"'{cfg.base_model}' is not a CorDA decomposed model (no corda_init/adapter_config.json): run "
-             f"`python stages/decompose.py --method {cfg.method} --out models/init/{cfg.method}` and pass --init "
+             f"`python stages/decompose.py --method {cfg.method} --out models/init/{cfg.method}` and pass --base_model "
              f"models/init/{cfg.method}")
     config = LoraConfig.from_pretrained(str(init))
     # The adapter's shape was fixed by the decomposition: params that disagree mean a stale model.
@@ -61,46 +54,7 @@ def build(model, cfg, ctx):
     return PeftModel.from_pretrained(model, str(init), config=config, is_trainable=True)
 
 
-def corda_method(name: str) -> Method:
-    return Method(name, build, doc=__doc__)
-
-
-METHOD = corda_method(DEFAULT_NAME)
-
-
-def method_name(argv: Sequence[str], default: str = DEFAULT_NAME) -> tuple[str, list[str]]:
-    """The params section to run: --method_name, else the method recorded in --init's init.json,
-    else ``default``. Returns it and argv without --method_name."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method_name", default=None)
-    pre.add_argument("--init", default="")
-    known, _ = pre.parse_known_args(argv)
-    rest, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg == "--method_name":
-            skip = True
-        elif not arg.startswith("--method_name="):
-            rest.append(arg)
-    recorded = None
-    init_file = Path(known.init) / "init.json" if known.init else None
-    if init_file is not None and init_file.is_file():
-        recorded = read_json(init_file).get("method")
-    if known.method_name and recorded and known.method_name != recorded:
-        fail(f"--method_name {known.method_name} but --init {known.init} was decomposed for {recorded}")
-    return known.method_name or recorded or default, rest
-
-
-def run(argv: Sequence[str] | None = None, default: str = DEFAULT_NAME) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        name, rest = method_name(argv, default)
-    except AdaptlabError as err:  # before main's own wrapper: same one-line error, exit 2
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
-    main(corda_method(name), rest)
-
+METHOD = Method("corda", build, doc=__doc__, default_method="corda_kpa")
 
 if __name__ == "__main__":
-    run()
+    main(METHOD)

@@ -10,15 +10,14 @@ r / min(m, n)), plus P itself (r·min(m, n)); embeddings and norms get plain Ada
 optimizer, a group without projection). Fine-tuning defaults of the paper: rank 4-8, gap 500,
 scale 4 (pre-training: rank 128+, gap 200, scale 0.25).
 Optimizer: galore_torch.GaLoreAdamW (galore-torch 1.0, galore_torch/adamw.py), param groups built by
-stages/core/projection.py ``projection_groups``. The full model is saved after every task.
+methods/projection.py ``projection_groups``. The full model is saved after every task.
 """
 
 from types import SimpleNamespace
 
+from methods.projection import galore_adamw, projection_groups
 from stages.core.config import check_choice
-from stages.core.projection import galore_adamw, projection_groups
-from stages.core.sft import Method, main
-from stages.core.zeroth_order import build_tuned
+from stages.core.sft import Method, build_tuned, main
 
 
 def build(model, cfg, ctx):

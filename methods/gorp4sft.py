@@ -1,17 +1,53 @@
-"""GORP, continual learning with gradient low-rank projection (Wang et al., ACL 2025): the script a gorp row runs.
+"""GORP: Continual Gradient Low-Rank Projection Fine-Tuning for LLMs (Wang et al., ACL 2025).
 
-The method, its update rule and options are in gorp4cl.py (the pipeline runs methods/<name>4sft.py):
-    python methods/gorp4sft.py --sequence gorp_order1
+Update rule, on task t of a sequence, for every target linear layer
+    y = W·x + (alpha/r)·Σ_{i<=t} B_i·A_i·x:
+the earlier tasks' LoRAs (A_i, B_i, i < t) are frozen and a new LoRA A_t (Kaiming), B_t (zero)
+trains with AdamW at lora_lr; in the same step W trains GaLore-style on its input side:
+G' = Gᵀ (in x out) with the shared subspace M (in x k, input directions) removed,
+G' <- G' - M·Mᵀ·G'; every update_proj_gap steps Q = top-`rank` singular vectors of G'
+(orthogonal to M); Adam on Q·G' and
+    W -= lr·scale·(Qᵀ·Adam(Q·G'))ᵀ.
+A_t's gradient gets the same g - M·Mᵀ·g on its input side before its moments (and its step is
+projected again), so the layer's whole change on task t leaves the earlier tasks' input
+directions alone: Δ·M = 0. At the end of every task but the last, W's first moment Qᵀ·m
+extends M (SVD of the part outside M, leading directions until M holds `energy` of its energy;
+M stays orthonormal and grows task by task). Everything but the target layers is frozen.
+The paper: rank 8 (orders 1-3), 32 (orders 4-6), lr 1e-5, update_proj_gap 10, LoRA r 8, alpha 32.
+After each task the model is saved with every LoRA folded into W: a plain transformers folder
+(stages/merge.py copies it). Details and our reading of the paper: methods/gorp.py.
 """
 
-import sys
-from pathlib import Path
+from __future__ import annotations
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gorp4cl.py beside it, however this file is loaded
+import torch
 
-from gorp4cl import METHOD  # noqa: E402
+from methods.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy
+from stages.core.errors import fail
+from stages.core.sft import Method, main
 
-from stages.core.sft import main  # noqa: E402
+
+def build(model, cfg, ctx):
+    check_settings(cfg.rank, cfg.r, cfg.lora_alpha, cfg.energy, cfg.update_proj_gap, cfg.scale, cfg.lora_lr)
+    if not 0 <= cfg.lora_dropout < 1:
+        fail(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    return attach(model, cfg.target_modules, len(ctx.tasks), cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.rank)
+
+
+def optimizer(model, cfg, ctx):
+    """Task ctx.task_index's optimizer: its LoRA made the trainable one, the others frozen."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # A new LoRA per task changes which tensors train after DDP has registered them.
+        fail("gorp runs in one process only: it trains a new LoRA per task, which data-parallel "
+             "training cannot pick up after its first task; run the script without accelerate launch")
+    layers = activate(model, ctx.task_index)
+    return GorpAdamW(layers, ctx.task_index, lr=cfg.lr, lora_lr=cfg.lora_lr, rank=cfg.rank,
+                     update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, energy=cfg.energy,
+                     steps_per_task=cfg.steps_per_task, grow_bases=ctx.task_index < len(ctx.tasks) - 1,
+                     weight_decay=cfg.weight_decay)
+
+
+METHOD = Method("gorp", build, optimizer=optimizer, doc=__doc__, export=export_folded, merged=plain_copy)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -6,14 +6,15 @@ with B (out x r0) zero-initialised and A (r0 x r1) Kaiming-uniform, so training 
 model; only A and B are trained (AdamW). --r is the seed's list: r=[64, 4096] is the rank and
 then the layer's in_features (not a second rank): SmolLM2's q_proj/v_proj take --r 8 576, and 0
 stands for each layer's own in_features. --use_P turns the update into a chain
-M <- f(M)·P_i (+ b_i with --use_b) over r0, r1, ..., in_features (see stages/core/loran.py).
+M <- f(M)·P_i (+ b_i with --use_b) over r0, r1, ..., in_features (see methods/loran.py).
 Released config: alpha 16, dropout 0.2, A_amp 5e-5, omega 1e4, use_P/use_b off, q_proj + v_proj;
 the baseline is LoRA with the same r, alpha and dropout. f(BA) does not depend on x: merging folds
 W0 + (alpha / r0)·f(BA) into each layer exactly. Adapters are saved with
 stages/core/adapters.save_adapter (kind "loran") and merged by stages/merge.py.
 """
 
-from stages.core import adapters, loran
+from methods import loran
+from stages.core import adapters
 from stages.core.sft import Method, main
 
 

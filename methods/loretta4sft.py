@@ -11,16 +11,17 @@ r_i) of TT-rank --tt_rank (5): sum r_{i-1}·k_i·r_i numbers instead of out·in.
 B's and Up's last cores start at zero, so training starts at the base model.
   --trainer adam:    AdamW on the cores (backpropagation)
   --trainer zo:      MeZO, ZO-SGD: theta -= lr·g·z, g = [L(theta + eps·z) − L(theta − eps·z)] / 2eps
-                     (stages/core/zeroth_order.py MeZO and zeroth_order_step; --zo_eps)
+                     (methods/zeroth_order.py MeZO and zeroth_order_step; --zo_eps)
   --trainer zo_adam: ZO-Adam, Adam's moments fed with the same estimate g·z (ZOAdam)
 ZO trainers need many more steps and full precision (--mixed_precision no).
-Layers: stages/core/loretta.py, stages/core/tensor_train.py; saved with
+Layers: methods/loretta.py, methods/tensor_train.py; saved with
 stages/core/adapters.save_adapter (kind "loretta") and merged by stages/merge.py.
 """
 
-from stages.core import adapters, loretta
+from methods import loretta
+from methods.zeroth_order import MeZO, ZOAdam, zeroth_order_step
+from stages.core import adapters
 from stages.core.sft import Method, StepInputs, adamw, first_order_step, main, weight_decay_groups
-from stages.core.zeroth_order import MeZO, ZOAdam, zeroth_order_step
 
 
 def build(model, cfg, ctx):

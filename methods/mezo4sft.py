@@ -9,11 +9,11 @@ processes. --tuning full trains every weight of the base model (paper: ε 1e-3, 
 13B models; SmolLM2-135M: lr 3e-6); --tuning lora trains only a LoRA's A and B (paper: ε 1e-2,
 lr 1e-4; SmolLM2-135M: --zo_eps 1e-2 --lr 3e-4, 1e-3 diverges). ZO needs far more steps than
 first-order training: see params.yaml methods.mezo.
-Optimizer: stages/core/zeroth_order.py MeZO; train step: zeroth_order_step.
+Optimizer: methods/zeroth_order.py MeZO; train step: zeroth_order_step.
 """
 
-from stages.core.sft import Method, main, weight_decay_groups
-from stages.core.zeroth_order import MeZO, build_tuned, zeroth_order_step
+from methods.zeroth_order import MeZO, zeroth_order_step
+from stages.core.sft import Method, build_tuned, main, weight_decay_groups
 
 
 def build(model, cfg, ctx):

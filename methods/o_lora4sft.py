@@ -9,7 +9,7 @@ trains with AdamW on
 so that the new task's input subspace (the rows of A_t) stays orthogonal to the earlier tasks'
 (the L1 form of the orthogonality loss as in the authors' code; their T5 settings lambda_1 0.5,
 lambda_2 0). With lambda_1 = 0 it is plain sequential LoRA with a fresh adapter per task. Every
-LoRA is folded into W0 when the model is saved or scored. The layers are GORP's (stages/core/gorp.py,
+LoRA is folded into W0 when the model is saved or scored. The layers are GORP's (methods/gorp.py,
 W kept frozen here), so the two methods differ only in their update rule.
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from methods.gorp import activate, attach, export_folded, gorp_layers, plain_copy
 from stages.core.errors import fail
-from stages.core.gorp import activate, attach, export_folded, gorp_layers, plain_copy
 from stages.core.sft import Method, StepInputs, first_order_step, main
 
 

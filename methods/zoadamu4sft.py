@@ -14,12 +14,12 @@ beta2_end) over T1..T2, then constant. T1, T2 are given as fractions of steps_pe
 momentum m_{t−1} is a per-parameter state tensor (unlike MeZO); v is not carried over.
 --tuning lora (default; paper: lr 1e-2, ε 1e-1, which diverge on SmolLM2-135M: lr 3e-4, ε 1e-2
 there) or --tuning full.
-Optimizer: stages/core/zeroth_order.py ZOAdaMU; train step: zeroth_order_step.
+Optimizer: methods/zeroth_order.py ZOAdaMU; train step: zeroth_order_step.
 """
 
+from methods.zeroth_order import ZOAdaMU, zeroth_order_step
 from stages.core.errors import fail
-from stages.core.sft import Method, main, weight_decay_groups
-from stages.core.zeroth_order import ZOAdaMU, build_tuned, zeroth_order_step
+from stages.core.sft import Method, build_tuned, main, weight_decay_groups
 
 
 def build(model, cfg, ctx):

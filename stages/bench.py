@@ -35,13 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from stages.core.config import OneLineParser, load_params, section  # noqa: E402
-from stages.core.errors import cli_entry, fail  # noqa: E402
-from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text  # noqa: E402
+from stages.core.config import OneLineParser, load_params, section
+from stages.core.errors import cli_entry, fail
+from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ("forward", "forward+backward")
@@ -57,15 +55,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def load_method(name: str):
-    script = ROOT / "methods" / f"{name}4sft.py"
-    if not script.is_file():
-        fail(f"method '{name}' has no script {script.relative_to(ROOT)}")
-    sys.path.insert(0, str(script.parent))  # corda_*4sft.py import corda4sft
-    spec = importlib.util.spec_from_file_location(f"{name}4sft", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.METHOD
+def load_method(name: str, params_file: str | None = None):
+    """The Method of params.yaml's methods.<name> (its script's METHOD)."""
+    from stages.core.sft import script_of
+
+    script = script_of(name, section(load_params(params_file), "methods", name))
+    if not (ROOT / "methods" / script).is_file():
+        fail(f"methods.{name} runs methods/{script}, which does not exist")
+    return importlib.import_module(f"methods.{Path(script).stem}").METHOD
 
 
 def peer_step_times(model, batch: dict, cfg, args: argparse.Namespace) -> tuple[list[float], torch.optim.Optimizer]:
@@ -111,24 +108,27 @@ def worker(args: argparse.Namespace) -> dict:
     """One entry, in this process: build it, step it, measure it."""
     from accelerate import Accelerator
 
+    from methods.projection import total_state_bytes
     from stages.core.batches import causal_lm_loss, collate, encode_example, encode_rows
     from stages.core.models import load_model, load_tokenizer
-    from stages.core.projection import total_state_bytes
     from stages.core.sft import Context, StepInputs, build_config, count_parameters
     from stages.core.tasks import load_task
 
     torch.manual_seed(0)
     name = args.worker
     is_floor = name in FLOORS
-    method = None if is_floor or name == PEER else load_method(name)
-    argv = ["--params", args.params or "params.yaml", "--sequence", args.sequence, "--mixed_precision", args.precision,
-            "--batch_size", str(args.batch_size), "--grad_accum", "1"]
-    cfg = build_config(method or load_method("lora"), argv)
-    init = Path("models") / "init" / name / "init.json"  # CorDA starts from its decomposed model
-    base = json.loads(init.read_text())["base_model"] if init.is_file() else cfg.base_model
+    row = "lora" if is_floor or name == PEER else name
+    method = None if is_floor or name == PEER else load_method(name, args.params)
+    argv = ["--params", args.params or "params.yaml", "--method", row, "--sequence", args.sequence,
+            "--mixed_precision", args.precision, "--batch_size", str(args.batch_size), "--grad_accum", "1"]
+    for start in (Path("models") / "init" / name, Path("models") / "init" / f"{name}-{args.sequence}"):
+        if (start / "init.json").is_file():  # CorDA starts from its decomposed model, CIMEO from its masks
+            argv += ["--base_model", str(start)]
+    cfg = build_config(method or load_method("lora", args.params), argv)
+    base = cfg.base_model
     tokenizer = load_tokenizer(base)
     tasks = [load_task(t, Path(cfg.tasks_dir)) for t in cfg.tasks]
-    encode = (method.encode if method else None) or encode_example
+    encode = (method.encoder(cfg) if method and method.encoder else None) or encode_example
     encoded = [encode_rows(t.train, tokenizer, cfg.max_length, t.name, encode) for t in tasks]
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     batch = {k: v.to(accelerator.device) for k, v in collate(encoded[0][:args.batch_size], tokenizer.pad_token_id).items()}
@@ -205,7 +205,7 @@ def report(results: list[dict], out: Path, args: argparse.Namespace) -> None:
               "× inference memory", "trainable params", "optimizer state (MB)"]
     rows = []
     for r in results:
-        ratio = lambda ref, key="step_s": f"{r[key] / ref[key]:.2f}" if ref else "–"  # noqa: E731
+        ratio = lambda ref, key="step_s", r=r: f"{r[key] / ref[key]:.2f}" if ref else "–"  # noqa: E731
         rows.append([r["entry"], f"{r['step_s']:.3f}", ratio(forward), ratio(fwd_bwd), ratio(lora), ratio(peer),
                      f"{r['peak_memory_mb']:.0f}", ratio(forward, "peak_memory_mb"),
                      f"{r['trainable_params']:,}" if r["trainable_params"] else "–",

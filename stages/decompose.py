@@ -1,12 +1,16 @@
-"""Stage: a method's decomposition step, or the record that it starts from the base model.
+"""Stage: a row's decomposition, the step some methods take before training.
 
     python stages/decompose.py --method corda_kpa --out models/init/corda_kpa
+    python stages/decompose.py --method cimeo --sequence cognition --out models/init/cimeo-cognition
 
-Writes ``<out>/init.json`` = {"method", "base_model", "decomposition"}; the method's train stage
-starts from that base model (``--init <out>``). A method whose params section has a
-``decompose:`` entry runs its decomposition script first (CorDA: ``methods/build_corda.py``, with
-the seed's arguments) and starts from the decomposed model it saves in ``<out>/model``; every
-other method records the base model unchanged, so each row depends on exactly its own start.
+Runs the script named by the row's ``decompose:`` params (CorDA: ``methods/build_corda.py``;
+CIMEO: ``methods/build_cimeo_masks.py``) with its ``args`` and ``--save_model --save_path
+<out>/model``; with ``per_sequence: true`` it also passes ``--sequence`` (CIMEO's masks are built
+for the sequence's tasks). Writes ``<out>/init.json`` = {"method", "base_model", "decomposition"}:
+the model the row's runs start from, which is ``<out>/model`` when the script saved a model there
+(CorDA's residual weights) and the base model otherwise (CIMEO, whose masks lie in
+``<out>/model/cimeo_masks``). The train stage passes ``<out>`` as ``--base_model``. Rows without
+``decompose:`` start from the base model and have no such stage (stages/plan.py).
 """
 
 import argparse
@@ -14,11 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stages.core.config import OneLineParser, load_params, section  # noqa: E402
-from stages.core.errors import cli_entry, fail  # noqa: E402
-from stages.core.io import atomic_dir, atomic_write_json  # noqa: E402
+from stages.core.config import OneLineParser, load_params, section
+from stages.core.errors import cli_entry, fail
+from stages.core.io import atomic_dir, atomic_write_json
 
 METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
 
@@ -39,29 +41,35 @@ def script_args(args: dict) -> list[str]:
 @cli_entry
 def main(argv=None) -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", required=True, help="a method of params.yaml: methods")
-    parser.add_argument("--out", required=True, help="output folder (models/init/<method>)")
+    parser.add_argument("--method", required=True, help="a section of params.yaml methods that has decompose:")
+    parser.add_argument("--sequence", default=None, help="the sequence whose tasks it calibrates on (per_sequence decompositions)")
+    parser.add_argument("--out", required=True, help="output folder (models/init/<method>[-<sequence>])")
     parser.add_argument("--params", default=None)
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    method = section(params, "methods", args.method) or {}
+    spec = (section(params, "methods", args.method) or {}).get("decompose")
     base = section(params, "base_model", "path")
-    spec = method.get("decompose")
+    if not isinstance(spec, dict):
+        fail(f"methods.{args.method} has no decompose: section: its runs start from the base model ({base})")
+    script = METHODS_DIR / str(spec.get("script", ""))
+    if not script.is_file():
+        fail(f"methods.{args.method}.decompose.script '{spec.get('script')}' is not a script in methods/")
+    extra = []
+    if spec.get("per_sequence"):
+        if not args.sequence:
+            fail(f"methods.{args.method}.decompose is per_sequence: give --sequence")
+        section(params, "sequences", args.sequence)
+        extra = ["--sequence", args.sequence]
     with atomic_dir(args.out) as tmp:
-        if spec is None:
-            record = {"method": args.method, "base_model": base, "decomposition": "none"}
-        else:
-            script = METHODS_DIR / spec.get("script", "")
-            if not script.is_file():
-                fail(f"methods.{args.method}.decompose.script '{spec.get('script')}' is not a script in methods/")
-            final = Path(args.out) / "model"
-            command = [sys.executable, str(script), "--model_id", base, *script_args(spec.get("args", {})),
-                       "--save_model", "--save_path", str(tmp / "model")]
-            code = subprocess.run(command).returncode
-            if code != 0:
-                raise SystemExit(code)  # the script has printed its one-line error; atomic_dir cleans up
-            record = {"method": args.method, "base_model": str(final), "decomposition": script.stem,
-                      "args": spec.get("args", {})}
+        command = [sys.executable, str(script), "--model_id", base, *script_args(spec.get("args", {})), *extra,
+                   "--save_model", "--save_path", str(tmp / "model")]
+        code = subprocess.run(command).returncode
+        if code != 0:
+            raise SystemExit(code)  # the script has printed its one-line error; atomic_dir cleans up
+        saved_model = (tmp / "model" / "config.json").is_file()
+        record = {"method": args.method, "sequence": args.sequence,
+                  "base_model": str(Path(args.out) / "model") if saved_model else base,
+                  "decomposition": script.stem, "args": spec.get("args", {})}
         atomic_write_json(tmp / "init.json", record)
     print(f"{args.method}: starts from {record['base_model']} ({record['decomposition']})")
 

@@ -8,17 +8,14 @@ chat_template (the base model on the cognition sequence); --chat_template / --no
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stages.core.config import OneLineParser, load_params, sequence_settings, sequence_tasks  # noqa: E402
-from stages.core.errors import cli_entry  # noqa: E402
-from stages.core.evaluation import PROMPT_FORMAT_FILE, Evaluator  # noqa: E402
-from stages.core.io import atomic_write_json, read_json  # noqa: E402
-from stages.core.models import load_model, load_tokenizer  # noqa: E402
+from stages.core.config import OneLineParser, load_params, sequence_settings, sequence_tasks
+from stages.core.errors import cli_entry
+from stages.core.evaluation import PROMPT_FORMAT_FILE, Evaluator
+from stages.core.io import atomic_write_json, read_json
+from stages.core.models import load_model, load_tokenizer
 
 
 @cli_entry

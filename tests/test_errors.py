@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from conftest import ROW, last_line, make_workspace, run_script, tiny_params
 
 LORA_SCRIPT = "methods/lora4sft.py"
@@ -42,14 +41,21 @@ def truncated_model_and_adapter(workspace: Path, project: Path) -> None:
     (workspace / "adapter").symlink_to(project / "runs" / ROW / "final", target_is_directory=True)
 
 
+def write_plan(workspace: Path) -> None:
+    """plan.yaml of the workspace's params, as `make plan` writes it."""
+    from stages.core.config import load_params
+    from stages.plan import build_plan, dump
+
+    (workspace / "plan.yaml").write_text(dump(build_plan(load_params(workspace / "params.yaml"))))
+
+
 def corrupt_results(workspace: Path) -> None:
-    """The LoRA row's results, its metrics.json cut off mid-write."""
-    results = workspace / "results"
-    for path, text in ((results / "train" / ROW / "metrics.json", '{"method": "lora", "AP": 0.5'),
-                       (results / "base" / "default.json", '{"scores": {"mc": 0.5, "gen": 0.5}}'),
-                       (results / "eval" / f"{ROW}.json", '{"scores": {"mc": 0.5, "gen": 0.5}}')):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    """The default table's inputs, the LoRA run's cut off mid-write."""
+    write_plan(workspace)
+    runs = workspace / "results" / "tables" / "default" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "base-default.json").write_text('{"kind": "base", "scores": {"mc": 0.5, "gen": 0.5}}')
+    (runs / "lora-default-s0.json").write_text('{"kind": "run", "method": "lora", "AP": 0.5')
 
 
 @dataclass
@@ -82,10 +88,22 @@ CASES = {
     "merge-truncated-base-model": Case("stages/merge.py", ("--base_model", "broken-model", "--adapter", "adapter",
                                                            "--output_path", "merged-model"),
                                        ("cannot load model 'broken-model'",), prepare=truncated_model_and_adapter),
-    # stages/tables.py and stages/build_base.py
-    "tables-missing-row": Case("stages/tables.py", (), ("row 'lora-default' has no", "dvc repro")),
-    "tables-corrupt-metrics": Case("stages/tables.py", (), ("results/train/lora-default/metrics.json: not valid JSON",),
-                                   prepare=lambda ws, project: corrupt_results(ws)),
+    # stages/plan.py, collect.py, tables.py and build_base.py
+    "tables-without-plan": Case("stages/tables.py", ("--table", "default"), ("plan.yaml does not exist", "make plan")),
+    "tables-unknown-table": Case("stages/tables.py", ("--table", "nope"), ("'nope'", "tables", "default")),
+    "tables-missing-run": Case("stages/tables.py", ("--table", "default"),
+                               ("results/tables/default/runs/base-default.json does not exist", "dvc repro"),
+                               prepare=lambda ws, project: write_plan(ws)),
+    "tables-corrupt-run": Case("stages/tables.py", ("--table", "default"), ("lora-default-s0.json: not valid JSON",),
+                               prepare=lambda ws, project: corrupt_results(ws)),
+    "plan-reference-not-a-row": Case("stages/plan.py", (), ("tables.default.reference 'dora'", "lora"),
+                                     params=tiny_params(tables={"default": {"sequences": ["default"], "rows": ["lora"],
+                                                                            "reference": "dora", "seeds": [0]}})),
+    "plan-unknown-row": Case("stages/plan.py", (), ("'dora'", "methods"),
+                             params=tiny_params(tables={"default": {"sequences": ["default"], "rows": ["lora", "dora"],
+                                                                    "reference": "lora", "seeds": [0]}})),
+    "collect-missing-run": Case("stages/collect.py", ("--inputs", "results/train/nope", "--out", "collected.json"),
+                                ("results/train/nope does not exist",)),
     "build-base-missing-source": Case("stages/build_base.py", ("--source", "/nonexistent-model", "--out", "built"),
                                       ("'/nonexistent-model'",)),
     "merge-missing-adapter": Case("stages/merge.py", ("--base_model", "models/base", "--adapter", "runs/nope/final",

@@ -1,4 +1,4 @@
-"""GORP (stages/core/gorp.py, methods/gorp4cl.py): continual learning with gradient low-rank projection.
+"""GORP (methods/gorp.py, methods/gorp4sft.py): continual learning with gradient low-rank projection.
 
 On small matrices: g − M·Mᵀ·g has no component in M, the GaLore subspace built from it is
 orthogonal to M (also when the gradient's rank is below the projection rank), and a basis grows
@@ -20,18 +20,33 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import (
-    LORA, ROOT, assert_help_lists, last_line, logits, make_workspace, probe_batch, run_script, tiny_params,
+    LORA,
+    ROOT,
+    assert_help_lists,
+    last_line,
+    logits,
+    make_workspace,
+    probe_batch,
+    run_script,
+    tiny_params,
 )
+from test_methods import load_method
+
+from methods.gorp import (
+    GorpAdamW,
+    activate,
+    attach,
+    gorp_layers,
+    grow_basis,
+    orthogonal_subspace,
+    plain_copy,
+    project_out,
+)
+from methods.projection import state_bytes
 from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
-from stages.core.gorp import (
-    GorpAdamW, activate, attach, gorp_layers, grow_basis, orthogonal_subspace, plain_copy, project_out,
-)
 from stages.core.io import atomic_write_json, write_jsonl
-from stages.core.projection import state_bytes
-from test_methods import load_method
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 # The tiny Llama's bases live in its layers' input spaces: 64 wide (down_proj: 128).
@@ -356,7 +371,6 @@ def test_bad_settings_are_one_line_errors(flags, message, gorp_project, method, 
 
 
 def test_script_reports_a_bad_energy_in_one_line(gorp_project, script_env):
-    """methods/gorp4sft.py (the pipeline's name for the row) runs gorp4cl.py's method."""
     proc = run_script("methods/gorp4sft.py", *run_args("bad-script", "default", "--energy", "1.5"), cwd=gorp_project,
                       env=script_env)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -377,17 +391,16 @@ def test_repository_params_hold_the_papers_defaults(capsys, monkeypatch):
     cfg = build_config(load_method("gorp"), [])
     assert (cfg.rank, cfg.r, cfg.lora_alpha, cfg.lr, cfg.update_proj_gap, cfg.energy) == (8, 8, 32, 1e-5, 10, 0.9)
     assert sorted(cfg.target_modules) == sorted(ALL)
-    # O-LoRA's orders 1-3 (dbpedia, amazon, yahoo, agnews) on stand-ins, in the pipeline's gorp_table
+    # O-LoRA's orders 1-3 (dbpedia, amazon, yahoo, agnews) on stand-ins, in GORP's table
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     dbpedia, amazon, yahoo, agnews = "cl_intent", "cl_reviews", "cl_strategyqa", "cl_politifact"
     orders = {name: params["sequences"][name]["tasks"] for name in ("gorp_order1", "gorp_order2", "gorp_order3")}
-    assert set(params["gorp_table"]["sequences"]) <= set(orders)
+    assert params["tables"]["gorp"]["sequences"] == list(orders)
     assert orders == {"gorp_order1": [dbpedia, amazon, yahoo, agnews],
                       "gorp_order2": [dbpedia, amazon, agnews, yahoo],
                       "gorp_order3": [yahoo, amazon, agnews, dbpedia]}
     assert all((params["tasks"][t]["train_size"], params["tasks"][t]["test_size"]) == (64, 30) for t in orders["gorp_order1"])
-    table = params["gorp_table"]["methods"]
-    assert {"gorp", "o_lora", "lora", "galore", "cimeo"} <= set(table) <= set(params["pipeline"]["start_models"])
+    assert {"gorp", "o_lora", "lora", "galore", "cimeo"} <= set(params["tables"]["gorp"]["rows"])
 
 
 # ----------------------------------------------------------------------------- O-LoRA, GORP's baseline
@@ -446,13 +459,14 @@ def test_o_lora_script_saves_a_plain_model(gorp_project, script_env):
 
 
 def test_tables_average_ap_and_bwt_over_the_orders():
-    """GORP's headline table: every order's AP per method, then AP and BWT averaged over the orders."""
-    from stages.tables import orders_section
+    """GORP's headline table (any table over several sequences): every order's AP per method,
+    then AP and BWT averaged over the orders."""
+    from stages.tables import summary_over_sequences
 
-    by_order = {"o1": [{"method": "gorp", "AP": 0.6, "BWT": 0.0}, {"method": "lora", "AP": 0.4, "BWT": -0.1}],
-                "o2": [{"method": "gorp", "AP": 0.5, "BWT": 0.1}, {"method": "lora", "AP": 0.5, "BWT": -0.2}]}
-    lines, csv_rows = orders_section(by_order)
-    text = "\n".join(lines)
-    assert "| method | AP o1 | AP o2 | mean AP | mean BWT |" in text
-    assert "| gorp | 0.600 | 0.500 | 0.550 | 0.050 |" in text and "| lora | 0.400 | 0.500 | 0.450 | -0.150 |" in text
-    assert ["gorp_orders", "lora", "mean BWT", pytest.approx(-0.15)] in csv_rows
+    table = {"sequences": ["o1", "o2"], "rows": ["gorp", "lora"]}
+    by_order = {"o1": [{"row": "gorp", "AP": 0.6, "BWT": 0.0}, {"row": "lora", "AP": 0.4, "BWT": -0.1}],
+                "o2": [{"row": "gorp", "AP": 0.5, "BWT": 0.1}, {"row": "lora", "AP": 0.5, "BWT": -0.2}]}
+    header, rows = summary_over_sequences(table, by_order)
+    assert header == ["method", "AP o1", "AP o2", "mean AP", "mean BWT"]
+    assert rows[0] == ["gorp", 0.6, 0.5, pytest.approx(0.55), pytest.approx(0.05)]
+    assert rows[1] == ["lora", 0.4, 0.5, pytest.approx(0.45), pytest.approx(-0.15)]

@@ -1,4 +1,4 @@
-"""LoRAN (stages/core/loran.py, methods/loran4sft.py) on the tiny Llama.
+"""LoRAN (methods/loran.py, methods/loran4sft.py) on the tiny Llama.
 
 With A_amp = 0 LoRAN is LoRA: the same B, A give peft LoRA's logits. The update starts at zero
 (the base model), folds exactly into the weights for every form (plain, use_b, use_P chain), and
@@ -14,14 +14,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, assert_help_lists, logits, probe_batch, tiny_params, write_params
-from stages.core import adapters, loran
+from test_methods import load_method
+
+from methods import loran
+from stages.core import adapters
 from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
 from stages.core.models import load_model
 from stages.core.sft import Trainer, build_config
-from test_methods import load_method
 
 # r = [rank, in_features]: 0 stands for each layer's own in_features (q_proj and v_proj read 64).
 LORAN = {"r": [8, 0], "alpha": 16, "dropout": 0.2, "A_amp": 5e-5, "omega": 1e4, "use_P": False, "use_b": False,

@@ -1,5 +1,5 @@
-"""LoRETTA (stages/core/tensor_train.py, stages/core/loretta.py, methods/loretta4sft.py) and the
-ZO-Adam optimizer (stages/core/zeroth_order.py) on the tiny Llama.
+"""LoRETTA (methods/tensor_train.py, methods/loretta.py, methods/loretta4sft.py) and the
+ZO-Adam optimizer (methods/zeroth_order.py) on the tiny Llama.
 
 The TT matrix: TT-SVD reconstructs the matrix it factorises to float tolerance, a train of known
 low rank is recovered at that rank, parameter counts follow sum r_{i-1}·k_i·r_i, dimensions are
@@ -19,17 +19,18 @@ import math
 
 import pytest
 import torch
-
 from conftest import ROOT, assert_help_lists, logits, probe_batch, tiny_params, write_params
-from stages.core import adapters, loretta
-from stages.core import tensor_train as tt
+from test_methods import load_method
+from test_zeroth_order import mlp, mse_closure, regression
+
+from methods import loretta
+from methods import tensor_train as tt
+from methods.zeroth_order import ZOAdam
+from stages.core import adapters
 from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
 from stages.core.models import load_model
 from stages.core.sft import Trainer, build_config, count_parameters, weight_decay_groups
-from stages.core.zeroth_order import ZOAdam
-from test_methods import load_method
-from test_zeroth_order import mlp, mse_closure, regression
 
 LORETTA = {"tuning_type": "loretta_rep", "trainer": "adam", "tt_rank": 5, "tt_shapes": [], "r": 8, "lora_alpha": 16,
            "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bottleneck": 16, "non_linearity": "relu",
@@ -194,7 +195,7 @@ def test_trains_saves_reloads_and_merges(tuning_type, loretta_project, probe, mo
 
 
 def test_zeroth_order_trainer_lowers_the_loss(loretta_project, monkeypatch):
-    """--trainer zo: MeZO (stages/core/zeroth_order.py) through zeroth_order_step, no gradients.
+    """--trainer zo: MeZO (methods/zeroth_order.py) through zeroth_order_step, no gradients.
     loretta_adp: its up-projection bias has a gradient from the start; loretta_rep's zero-started
     B core gives MeZO little to find in 16 steps (10.87 -> 10.85 at lr 1e-1 on this model)."""
     monkeypatch.chdir(loretta_project)
@@ -307,8 +308,8 @@ def test_help_lists_the_params(loretta_project, capsys, monkeypatch):
     assert (config["tuning_type"], config["tt_rank"], config["r"], config["lora_alpha"], config["bottleneck"]) == \
         ("loretta_rep", 5, 8, 16.0, 64)
     assert tt.parse_shapes(config["tt_shapes"]) == {576: [8, 8, 9], 192: [12, 16], 1536: [8, 12, 16]}
-    # the adapter form's row: methods/loretta_adp4sft.py reads methods.loretta_adp (the same settings but the form)
-    adp = build_config(load_method("loretta_adp"), [])
+    # the adapter form's row: methods.loretta_adp, a section naming loretta4sft.py (the same settings but the form)
+    adp = build_config(load_method("loretta"), ["--method", "loretta_adp"])
     assert (adp.method, adp.tuning_type) == ("loretta_adp", "loretta_adp")
     assert {k: v for k, v in loretta.config_from(adp).items() if k != "tuning_type"} == \
         {k: v for k, v in config.items() if k != "tuning_type"}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import LORA, ROOT, TRAIN, logits, probe_batch, tiny_params, write_params
+
 from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
 from stages.core.models import load_model
@@ -40,10 +40,8 @@ TINY_LR = {"road": 5e-2, "shira": 5e-2}
 
 
 def load_method(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}4sft", ROOT / "methods" / f"{name}4sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.METHOD
+    """The Method of methods/<name>4sft.py."""
+    return importlib.import_module(f"methods.{name}4sft").METHOD
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Gradient low-rank projection (stages/core/projection.py) and its two methods, GaLore
+"""Gradient low-rank projection (methods/projection.py) and its two methods, GaLore
 (galore_torch.GaLoreAdamW) and AdaRankGrad.
 
 On small problems: the optimizer state of a projected matrix is rank/min(m, n) of AdamW's;
@@ -20,10 +20,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import assert_help_lists, logits, probe_batch, tiny_params, write_params
-from stages.core.projection import AdaRankGrad, choose_rank, projection_groups, randomized_svd, state_bytes
 from test_methods import load_method
+
+from methods.projection import AdaRankGrad, choose_rank, projection_groups, randomized_svd, state_bytes
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 # The tiny Llama's matrices are 64 x 64 (q, o), 32 x 64 (k, v), 128 x 64 and 64 x 128 (MLP).
@@ -47,7 +47,7 @@ def run_args(tag: str, *extra: str) -> list[str]:
 
 def galore_class():
     """galore_torch.GaLoreAdamW, imported as methods/galore4sft.py imports it."""
-    from stages.core.projection import galore_adamw
+    from methods.projection import galore_adamw
 
     return galore_adamw()
 

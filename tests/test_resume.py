@@ -12,9 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import (
-    PYTHON, ROOT, TASKS, TRAIN, VENV_BIN, adapter_tensors, check, loss_curve, read_json, run_cmd, run_dirs,
+    PYTHON,
+    ROOT,
+    TASKS,
+    TRAIN,
+    VENV_BIN,
+    adapter_tensors,
+    check,
+    loss_curve,
+    read_json,
+    run_cmd,
+    run_dirs,
     train_args,
 )
 

@@ -14,17 +14,27 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import (
-    LORA, PYTHON, ROOT, ROW, TRAIN, check, last_line, make_workspace, read_json, run_dirs, run_script, tiny_params,
+    LORA,
+    PYTHON,
+    ROOT,
+    ROW,
+    TRAIN,
+    check,
+    last_line,
+    make_workspace,
+    read_json,
+    run_dirs,
+    run_script,
+    tiny_params,
     train_args,
 )
-from stages.core.errors import AdaptlabError
 from test_methods import load_method
+
+from stages.core.errors import AdaptlabError
 
 
 def run_main(method, argv: list[str], capsys) -> tuple[int, str]:
@@ -260,7 +270,7 @@ def test_fuzzed_command_line_values_are_parsed_or_one_clean_error(project, monke
     lora = load_method("lora")
     flags = sorted(set(TRAIN) | set(LORA) | {"seed", "eval_limit", "sequence"})
     rng = random.Random(1)
-    for trial in range(300):
+    for _ in range(300):
         chosen = rng.sample(flags, rng.randint(1, 3))
         argv = ["--params", "params.yaml"]
         for flag in chosen:

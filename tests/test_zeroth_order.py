@@ -1,4 +1,4 @@
-"""Zeroth-order optimisers (stages/core/zeroth_order.py) and their method scripts (mezo, zoadamu).
+"""Zeroth-order optimisers (methods/zeroth_order.py) and their method scripts (mezo, zoadamu).
 
 On tiny problems: MeZO's projected gradient is the directional derivative along its (regenerated)
 z; a step allocates no gradients and no autograd graph and stays near two forward passes in
@@ -17,14 +17,15 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_help_lists, run_gloo_workers, tiny_params, write_params
+from test_methods import TARGETS, load_method
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import assert_help_lists, run_gloo_workers, tiny_params, write_params
+from methods.zeroth_order import MeZO, ZOAdaMU, annealed
+from stages.core.seeds import step_seed
 from stages.core.sft import weight_decay_groups
-from stages.core.zeroth_order import MeZO, ZOAdaMU, annealed, step_seed
-from test_methods import TARGETS, load_method
 
 OPTIMIZERS = {"mezo": MeZO, "zoadamu": ZOAdaMU}
 
@@ -239,7 +240,7 @@ def test_noise_chunks_are_distinct_draws_and_threads_do_not_change_a_step(name, 
     """The direction is drawn per chunk of NOISE_CHUNK elements (here 1000), each from its own
     seeded generator, on torch's thread count: 1 and 2 threads give bit-identical steps, and
     neighbouring chunks hold different N(0, 1) draws (no chunk repeats another's noise)."""
-    from stages.core import zeroth_order
+    from methods import zeroth_order
 
     monkeypatch.setattr(zeroth_order, "NOISE_CHUNK", 1000)
     start = torch.randn(4500, generator=torch.Generator().manual_seed(0))
@@ -380,7 +381,7 @@ def test_zoadamu_momentum_is_the_perturbation():
 WORKER = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from stages.core.zeroth_order import MeZO, ZOAdaMU
+from methods.zeroth_order import MeZO, ZOAdaMU
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=world)
 g = torch.Generator().manual_seed(0)
@@ -474,7 +475,7 @@ def test_tuning_full_or_lora(tiny_base):
 
     from stages.core.errors import AdaptlabError
     from stages.core.models import load_model
-    from stages.core.zeroth_order import build_tuned
+    from stages.core.sft import build_tuned
 
     cfg = SimpleNamespace(tuning="lora", **ZO_LORA)
     lora = build_tuned(load_model(tiny_base), cfg)
@@ -510,9 +511,9 @@ def test_help_lists_the_method_params(name, zo_project, capsys, monkeypatch):
 def test_zeroth_order_step_rejects_fp16_scaler():
     from types import SimpleNamespace
 
+    from methods.zeroth_order import zeroth_order_step
     from stages.core.errors import AdaptlabError
     from stages.core.sft import StepInputs
-    from stages.core.zeroth_order import zeroth_order_step
 
     model = mlp()
     wrapped = SimpleNamespace(scaler=object(), step=None)

@@ -1,2 +1,2 @@
 """Analysis stages of CIMEO's masks and weights (the seed's Figure 2 overlaps and Figure 4
-principal angles); the computations live in stages/core/cimeo.py."""
+principal angles); the computations live in methods/cimeo.py."""

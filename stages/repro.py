@@ -1,0 +1,126 @@
+"""`dvc repro` that says first what it will run and how long that should take, and times it.
+
+    python stages/repro.py tables@quick      # what `make repro` runs
+    python stages/repro.py                   # every stage (`make repro-all`)
+    python stages/repro.py --dry tables@gorp # only the plan and the estimate
+
+Before running it checks that plan.yaml matches params.yaml's tables, lists the stages DVC will
+run for the targets (changed ones and everything downstream of them), and prints their number by
+kind with an estimate from ``results/timings.json``: the wall time each stage took when this
+script last ran it (a stage never run before is estimated from the median of its kind). Then it
+runs ``dvc repro`` on the targets, reading DVC's output to time every stage, and merges those
+times, with the machine's cores, thread settings and load, into ``results/timings.json``, from
+which the README's time figures come.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from stages.core.config import OneLineParser, load_params
+from stages.core.errors import cli_entry, fail
+from stages.core.io import atomic_write_json, read_json
+from stages.plan import check_plan, plan_path
+
+TIMINGS = Path("results/timings.json")
+RUNNING = re.compile(r"^Running stage '([^']+)':")
+# A kind never timed on this machine: a guess in seconds, so a first run still gets an estimate.
+FALLBACK = {"fetch_data": 60, "build_base": 40, "build_encoder": 10, "decompose": 150, "evaluate_base": 40, "train": 300,
+            "merge": 15, "evaluate": 40, "collect": 2, "tables": 10, "report": 3}
+
+
+def kind(stage: str) -> str:
+    return stage.split("@")[0]
+
+
+def stages_to_run(targets: list[str]) -> list[str]:
+    """The stages ``dvc repro targets`` will run, in order: changed ones and all downstream of them."""
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+
+    with Repo(".") as repo, repo.lock:
+        graph = get_active_graph(repo.index.graph)
+        steps = plan_repro(graph, collect_stages(repo, targets or ["dvc.yaml"]))
+        will_run: set = set()
+        for stage in steps:
+            upstream = set(graph.successors(stage))  # DVC's graph points from a stage to what it depends on
+            if upstream & will_run or stage.changed():
+                will_run.add(stage)
+        return [stage.addressing for stage in steps if stage in will_run]
+
+
+def estimate(stages: list[str], timings: dict) -> float:
+    by_kind: dict[str, list[float]] = {}
+    for name, record in timings.get("stages", {}).items():
+        by_kind.setdefault(kind(name), []).append(record["seconds"])
+    total = 0.0
+    for stage in stages:
+        known = timings.get("stages", {}).get(stage)
+        total += known["seconds"] if known else statistics.median(by_kind.get(kind(stage), [FALLBACK.get(kind(stage), 60)]))
+    return total
+
+
+def machine() -> dict:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cores": cores, "load_average_1min": round(os.getloadavg()[0], 2),
+            "threads": os.environ.get("ADAPTLAB_THREADS", "auto"), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+def run_dvc(targets: list[str], timings: dict) -> int:
+    """``dvc repro targets``, its output passed through; each stage's wall time recorded."""
+    process = subprocess.Popen(["dvc", "repro", *targets], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    current, began = None, 0.0
+
+    def finish() -> None:
+        if current is not None:
+            timings.setdefault("stages", {})[current] = {
+                "seconds": round(time.monotonic() - began, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **machine()}
+            atomic_write_json(TIMINGS, timings)  # after every stage: an interrupted repro keeps what finished
+
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        found = RUNNING.match(line)
+        if found:
+            finish()
+            current, began = found.group(1), time.monotonic()
+    code = process.wait()
+    if code == 0:
+        finish()
+    return code
+
+
+@cli_entry
+def main(argv=None) -> None:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
+    parser.add_argument("--dry", action="store_true", help="print what would run and the estimate, run nothing")
+    args = parser.parse_args(argv)
+    if not Path("dvc.yaml").is_file():
+        fail("no dvc.yaml here: run this from the repository's root")
+    check_plan(load_params(), plan_path(None))
+    stages = stages_to_run(args.targets)
+    timings = read_json(TIMINGS) if TIMINGS.is_file() else {}
+    counts = ", ".join(f"{n} {k}" for k, n in Counter(kind(s) for s in stages).items())
+    minutes = estimate(stages, timings) / 60
+    print(f"{len(stages)} stages to run ({counts or 'none'}): about {minutes:.0f} min on this machine "
+          f"(results/timings.json, from earlier runs)", flush=True)
+    if args.dry or not stages:
+        return
+    code = run_dvc(args.targets, timings)
+    if code:
+        raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
