@@ -89,26 +89,71 @@ def record(timings: dict, stage: str, seconds: float, threads: int | str) -> Non
     atomic_write_json(TIMINGS, timings)  # after every stage: an interrupted repro keeps what finished
 
 
-def run_parallel(targets: list[str], jobs: int, timings: dict) -> int:
-    """Run the stages ``dvc repro targets`` would run, ``jobs`` at a time, recording each in
-    dvc.lock and the cache as DVC does. Returns 0, or 1 after the first failure (running stages
-    finish; nothing else starts)."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+# A stage command ended by SIGKILL or SIGTERM was stopped from outside (out of memory, preempted,
+# its node lost), not by its own error: run it again, like a lost worker.
+KILLED = {-9, -15, 128 + 9, 128 + 15}
 
+
+class WorkerLost(Exception):
+    pass
+
+
+def run_commands(commands: list[str], cwd: str, env: dict) -> tuple[int, float]:
+    """A stage's commands, one after the other, where a worker runs them: (exit code, seconds).
+    Module-level, so a submitit worker can unpickle it."""
+    began = time.monotonic()
+    for command in commands:
+        code = subprocess.run(command, shell=True, cwd=cwd, env=env).returncode
+        if code in KILLED:
+            raise WorkerLost(f"{command.split()[1] if ' ' in command else command} was killed (exit {code})")
+        if code:
+            return code, time.monotonic() - began
+    return 0, time.monotonic() - began
+
+
+class Workers:
+    """Where stages run: threads of this process starting local commands, or submitit jobs, on
+    this machine (cluster "local": one process per job) or on Slurm (cluster "slurm": one job per
+    stage, on a shared filesystem that holds the repository and its DVC cache). Handles answer
+    ``done()`` and ``result()`` (an exception means the worker was lost, not that the stage failed)."""
+
+    def __init__(self, kind: str, jobs: int, threads: int, folder: str = ".cache/submitit"):
+        self.kind = kind
+        if kind == "threads":
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=jobs)
+        else:
+            import submitit
+
+            cluster = None if kind == "submitit" else kind.split("-", 1)[1]  # submitit: slurm if there is one, else local
+            self.pool = submitit.AutoExecutor(folder=folder, cluster=cluster)
+            self.pool.update_parameters(timeout_min=24 * 60, cpus_per_task=threads, name="adaptlab")
+
+    def submit(self, commands: list[str], cwd: str, env: dict):
+        return self.pool.submit(run_commands, commands, cwd, env)
+
+    def close(self) -> None:
+        if self.kind == "threads":
+            self.pool.shutdown(wait=True)
+
+
+def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "threads", retries: int = 1) -> int:
+    """Run the stages ``dvc repro targets`` would run, ``jobs`` at a time on ``executor``,
+    recording each in dvc.lock and the cache as DVC does. A stage whose worker is lost (killed,
+    preempted) is started again, up to ``retries`` times; a stage that fails stops the run (running
+    stages finish, nothing else starts). Returns 0 or 1."""
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // jobs)
     env = dict(os.environ, ADAPTLAB_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    workers = Workers(executor, jobs, threads)
 
-    def execute(stage) -> tuple[int, float]:
-        began = time.monotonic()
-        for command in stage.cmd if isinstance(stage.cmd, list) else [stage.cmd]:
-            code = subprocess.run(command, shell=True, cwd=stage.wdir, env=env).returncode
-            if code:
-                return code, time.monotonic() - began
-        return 0, time.monotonic() - began
+    def start(stage) -> None:
+        commands = stage.cmd if isinstance(stage.cmd, list) else [stage.cmd]
+        running[stage] = workers.submit(commands, stage.wdir, env)
 
     with Repo(".") as repo, repo.lock:
         graph = get_active_graph(repo.index.graph)
@@ -116,24 +161,36 @@ def run_parallel(targets: list[str], jobs: int, timings: dict) -> int:
         upstream = {stage: set(graph.successors(stage)) & set(steps) for stage in steps}
         done: set = set()
         running: dict = {}
+        lost: dict = {}
         failed = False
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
             while len(done) < len(steps) and not (failed and not running):
                 for stage in steps:
-                    if failed or len(running) >= jobs or stage in done or stage in running.values() or not upstream[stage] <= done:
+                    if failed or len(running) >= jobs or stage in done or stage in running or not upstream[stage] <= done:
                         continue
                     if not stage.changed():  # its upstream ran but left its inputs as they were
                         done.add(stage)
                         continue
-                    print(f"Running stage '{stage.addressing}' ({threads} thread{'s' * (threads > 1)}):", flush=True)
+                    print(f"Running stage '{stage.addressing}' ({threads} thread{'s' * (threads > 1)}, {executor}):", flush=True)
                     stage.remove_outs(ignore_remove=False, force=False)
-                    running[pool.submit(execute, stage)] = stage
-                if not running:
-                    continue
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    stage = running.pop(future)
-                    code, seconds = future.result()
+                    start(stage)
+                finished = [stage for stage, handle in running.items() if handle.done()]
+                if not finished:
+                    time.sleep(0.5)
+                for stage in finished:
+                    handle = running.pop(stage)
+                    try:
+                        code, seconds = handle.result()
+                    except Exception as err:  # the worker died: its stage did not finish, run it again
+                        lost[stage] = lost.get(stage, 0) + 1
+                        if lost[stage] > retries:
+                            print(f"ERROR: stage '{stage.addressing}' lost its worker {lost[stage]} times ({err})", file=sys.stderr)
+                            failed = True
+                        else:
+                            print(f"stage '{stage.addressing}' lost its worker ({type(err).__name__}): running it again", flush=True)
+                            stage.remove_outs(ignore_remove=False, force=False)
+                            start(stage)
+                        continue
                     if code:
                         print(f"ERROR: stage '{stage.addressing}' failed with exit code {code}", file=sys.stderr, flush=True)
                         failed = True
@@ -144,6 +201,8 @@ def run_parallel(targets: list[str], jobs: int, timings: dict) -> int:
                     record(timings, stage.addressing, seconds, threads)
                     print(f"Finished stage '{stage.addressing}' in {seconds:.0f} s", flush=True)
                     done.add(stage)
+        finally:
+            workers.close()
     return 1 if failed else 0
 
 
@@ -176,6 +235,9 @@ def main(argv=None) -> None:
     parser.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
     parser.add_argument("--dry", action="store_true", help="print what would run and the estimate, run nothing")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="stages run at once (default 1: plain `dvc repro`)")
+    parser.add_argument("--executor", default="threads", choices=["threads", "submitit", "submitit-local", "submitit-slurm"],
+                        help="where -j stages run: this machine's threads, or submitit jobs (Slurm when it finds one)")
+    parser.add_argument("--retries", type=int, default=1, help="times a stage whose worker was lost is started again")
     args = parser.parse_args(argv)
     if not Path("dvc.yaml").is_file():
         fail("no dvc.yaml here: run this from the repository's root")
@@ -191,7 +253,10 @@ def main(argv=None) -> None:
           f"(results/timings.json, from earlier runs)", flush=True)
     if args.dry or not stages:
         return
-    code = run_dvc(args.targets, timings) if args.jobs == 1 else run_parallel(args.targets, args.jobs, timings)
+    if args.jobs == 1 and args.executor == "threads":
+        code = run_dvc(args.targets, timings)
+    else:
+        code = run_parallel(args.targets, args.jobs, timings, args.executor, args.retries)
     if code:
         raise SystemExit(code)
 

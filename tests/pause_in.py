@@ -12,6 +12,7 @@ rename that publishes it.
 import contextlib
 import functools
 import importlib
+import os
 import runpy
 import sys
 import time
@@ -22,6 +23,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def pause() -> None:
+    """Print PAUSED and sleep. With ADAPTLAB_TEST_PAUSE_ONCE=<file>, only the first process to get
+    here pauses, writing its pid to that file (later ones, e.g. a re-run, go on)."""
+    once = os.environ.get("ADAPTLAB_TEST_PAUSE_ONCE")
+    if once:
+        try:
+            with open(once, "x") as marker:
+                marker.write(str(os.getpid()))
+        except FileExistsError:
+            return
     print("PAUSED", flush=True)
     time.sleep(600)
 

@@ -1,0 +1,48 @@
+"""A table's runs spread over workers (stages/repro.py --executor submitit): on this machine,
+submitit's local cluster stands in for Slurm (the same code path: one job per stage, results on
+the shared filesystem, each stage recorded in dvc.lock by the submitting process). One worker is
+killed mid-training; its stage runs again and nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import yaml
+from conftest import PYTHON, ROOT, check, run_cmd, write_params
+from test_pipeline import TINY_TABLES, dvc, dvc_repo, ran_stages  # noqa: F401  (dvc_repo: the fixture)
+
+
+def test_table_over_two_workers_survives_a_killed_worker(dvc_repo, tmp_path):
+    repo, env = dvc_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    write_params(repo / "params.yaml", dict(params, tables={"main": TINY_TABLES["main"]}))
+    check(run_cmd([PYTHON, "stages/plan.py"], repo, env))
+    marker = tmp_path / "paused.pid"
+    paused = dict(env, PYTHONPATH=str(ROOT / "tests" / "pause_hook"), ADAPTLAB_TEST_PAUSE="stages.core.sft:Trainer.train_task",
+                  ADAPTLAB_TEST_PAUSE_ONCE=str(marker))
+    log = tmp_path / "repro.log"
+    with open(log, "w") as out:
+        runner = subprocess.Popen([PYTHON, "stages/repro.py", "-j", "2", "--executor", "submitit-local", "tables@main"],
+                                  cwd=repo, env=paused, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900
+        # until a training stage has finished its first task and paused there (it writes its pid)
+        while not (marker.is_file() and marker.read_text().strip()) and runner.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.is_file(), log.read_text()[-3000:]
+        os.kill(int(marker.read_text()), signal.SIGKILL)  # the worker's stage dies as on a lost node
+        assert runner.wait(timeout=1200) == 0, log.read_text()[-5000:]
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    output = log.read_text()
+    assert "lost its worker" in output and "running it again" in output, output[-3000:]
+    train = {"train@lora-default-s0", "train@dora-default-s0"}
+    assert train <= ran_stages(output) and "tables@main" in ran_stages(output)
+    # The same lock and outputs as dvc repro would leave: nothing left to run, the table has both rows.
+    assert "up to date" in dvc(repo, env, "status", "tables@main").stdout
+    table = (repo / "results" / "tables" / "main" / "table.md").read_text()
+    assert "lora" in table and "dora" in table
