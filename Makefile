@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv plan repro repro-all test test-quick lint bench clean
+.PHONY: venv plan docs repro repro-all test test-quick lint bench clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml requirements.lock
 # dvc.yaml's run list, derived from params.yaml's tables (run after editing them).
 plan: venv
 	$(PY) stages/plan.py
+
+# docs/methods.md, gathered from the method modules' docstrings.
+docs: venv
+	$(PY) stages/methods_doc.py
 
 # The first table (params.yaml: tables.quick): its stages are the full tables' own, so a later
 # `make repro-all` (= dvc repro) reuses them. Prints what will run and how long it should take.
