@@ -69,6 +69,7 @@ from stages.core.batches import encode_example
 from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from stages.core.markdown import markdown_table
 from stages.core.models import copy_tokenizer, load_model, load_tokenizer
 from stages.core.tasks import available_tasks, load_task, package_archive
 
@@ -718,10 +719,8 @@ def write_full_results(out: Path, results: dict[str, dict], base_ppl: float) -> 
              f"{first['layers']}, {first['decomposed_layers']} matrices) decomposed; perplexity on "
              f"{first['eval']['windows']} x {first['eval']['seq_len']} held-out tokens of Hamlet. "
              f"Base perplexity {base_ppl:.3f}.", "",
-             "| r discarded | " + " | ".join(r["label"] for r in results.values()) + " |",
-             "|---:|" + "---:|" * len(results)]
-    for i, r in enumerate(r_values):
-        lines.append(f"| {r} | " + " | ".join(f"{res['perplexity'][i]:.3f}" for res in results.values()) + " |")
+             markdown_table(["r discarded"] + [res["label"] for res in results.values()],
+                            [[r] + [res["perplexity"][i] for res in results.values()] for i, r in enumerate(r_values)])]
     calibrated = [res for res in results.values() if res["calib_dataset"]]
     if calibrated:
         lines += ["", f"Calibration: {calibrated[0]['calib_dataset']}, {calibrated[0]['calib_loader_size']} samples."]

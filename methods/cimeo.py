@@ -661,20 +661,11 @@ def write_report(out_dir: str | Path, stem: str, markdown: str, figure, data: di
     atomic_write_text(out / f"{stem}.md", markdown)
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
-    def cell(value) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 __all__ = [
     "DEFAULT_TARGETS", "STRATEGIES", "OBJECTIVES", "DENSE_CHOICES", "ENCODERS", "encode_chat", "encode_pretrain",
     "target_weights", "layer_of", "model_fingerprint", "keep_count", "random_masks", "select_frequent",
     "GradientCounter", "gradient_masks", "mask_batches", "save_masks", "read_masks_meta", "load_task_masks",
     "load_all_masks", "SparseAdamW", "set_overlap", "weight_overlaps", "overall_overlap", "layer_overlap",
     "overlap_matrix", "mean_layer_overlap", "principal_angles", "subspace_metrics", "write_report",
-    "markdown_table", "build", "optimizer", "make_method", "MASKS_IN_MODEL", "masks_settings", "compute_task_masks",
+    "build", "optimizer", "make_method", "MASKS_IN_MODEL", "masks_settings", "compute_task_masks",
 ]

@@ -40,6 +40,7 @@ import torch
 from stages.core.config import OneLineParser, load_params, section
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from stages.core.markdown import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ("forward", "forward+backward")
@@ -217,8 +218,7 @@ def report(results: list[dict], out: Path, args: argparse.Namespace) -> None:
              f"median of {args.repeats} steps after {args.warmup} warm-up, each entry in its own process.",
              "Zeroth-order steps compare with `forward` (a step is two), full-weight first-order steps with",
              "`forward+backward`; memory is the process's peak RSS (CPU) or max allocated (GPU).", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+             markdown_table(header, rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(results) + 1.5))
     names = [r["entry"] for r in results][::-1]
     axes[0].barh(names, [by[n]["step_s"] / forward["step_s"] if forward else by[n]["step_s"] for n in names], color="tab:blue")

@@ -17,21 +17,18 @@ from pathlib import Path
 from stages.core.config import OneLineParser, load_params
 from stages.core.errors import cli_entry
 from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text, write_jsonl
+from stages.core.markdown import markdown_table
 from stages.core.tasks import TASKS_DIR, TaskData, available_tasks, build_tasks, load_task, task_specs
 
 
 def summary_table(tasks: list[TaskData]) -> str:
-    def cell(text: str, width: int = 70) -> str:
-        text = text.replace("\n", "⏎").replace("|", "\\|")
+    def cut(text: str, width: int = 70) -> str:
         return text if len(text) <= width else text[: width - 1] + "…"
 
-    lines = ["# Tasks", "", "| task | kind | source | n_train | n_test | example prompt | answer |",
-             "|---|---|---|---:|---:|---|---|"]
-    for task in tasks:
-        row = task.test[0]
-        lines.append(f"| {task.name} | {task.kind} | {task.meta.get('source', '?')} | {len(task.train)} "
-                     f"| {len(task.test)} | {cell(row['prompt'])} | {cell(row['answer'], 20)} |")
-    return "\n".join(lines) + "\n"
+    header = ["task", "kind", "source", "n_train", "n_test", "example prompt", "answer"]
+    rows = [[task.name, task.kind, task.meta.get("source", "?"), len(task.train), len(task.test),
+             cut(task.test[0]["prompt"]), cut(task.test[0]["answer"], 20)] for task in tasks]
+    return "# Tasks\n\n" + markdown_table(header, rows) + "\n"
 
 
 @cli_entry

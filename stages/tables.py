@@ -23,25 +23,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # render to files; no display, no network
 import matplotlib.pyplot as plt  # noqa: E402
-from tabulate import tabulate  # noqa: E402
 
 from stages.core.config import OneLineParser, load_params, section  # noqa: E402
 from stages.core.continual import forward_transfer  # noqa: E402
 from stages.core.errors import cli_entry, fail  # noqa: E402
 from stages.core.io import atomic_dir, atomic_write_text, read_json  # noqa: E402
+from stages.core.markdown import cell, markdown_table  # noqa: E402
 from stages.plan import check_plan, check_table, plan_path  # noqa: E402
-
-
-def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    return tabulate([[fmt(v) for v in row] for row in rows], headers=header, tablefmt="github", disable_numparse=True)
 
 
 def mean(values: list[float | None]) -> float | None:
@@ -169,7 +157,7 @@ def plot_matrices(lines: list[dict], path: Path, per_line: int = 4) -> None:
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
         ax.set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=8)
         ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=8)
-        ax.set_title(f"{line['row']}  AP {line['AP']:.2f}  BWT {fmt(line['BWT'], 2)}", fontsize=9)
+        ax.set_title(f"{line['row']}  AP {line['AP']:.2f}  BWT {cell(line['BWT'], 2)}", fontsize=9)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="score")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -234,6 +234,11 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+def markdown_rows(text: str) -> list[list[str]]:
+    """The cells of every Markdown table row in ``text``, stripped of their padding."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+
+
 def loss_curve(results_dir: Path) -> list[tuple[float, float]]:
     """(step, loss) pairs of dvclive's loss plot file."""
     lines = (Path(results_dir) / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()

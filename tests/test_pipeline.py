@@ -26,6 +26,7 @@ from conftest import (
     VENV_BIN,
     check,
     loss_curve,
+    markdown_rows,
     read_json,
     run_cmd,
     run_script,
@@ -164,7 +165,7 @@ def test_tables_hold_the_method_row_and_valid_plots(reference_run, pipeline_resu
     table = pipeline_results / "tables" / "default"
     tables = (table / "table.md").read_text()
     assert "## Sequence `default`: mc → gen" in tables
-    lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in tables.splitlines() if line.startswith("|")]
+    lines = markdown_rows(tables)
     cells = next((line for line in lines if line[0] == "lora"), None)
     assert cells is not None, tables
     assert cells[1] == f"{metrics['trainable_params']:,}"

@@ -15,6 +15,7 @@ import argparse
 from methods import cimeo
 from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry, fail
+from stages.core.markdown import markdown_table
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
         "# CIMEO mask overlap between cognitions", "", describe(meta), "",
         "Entry (i, j) = |I_i ∩ I_j| / |I_i| over all masked weights (set intersection). "
         f"Random expectation (two independent masks of density d): **{density:g}**.", "",
-        cimeo.markdown_table(["i \\ j"] + labels, rows), "",
+        markdown_table(["i \\ j"] + labels, rows, digits=4), "",
         f"Mean off-diagonal overlap {mean_off:.4f} = {mean_off / density:.2f} x the random expectation.", ""])
     data = {"tasks": tasks, "labels": labels, "matrix": matrix, "density": density, "random_expectation": density,
             "mean_off_diagonal": mean_off, "masks": str(args.masks), "strategy": meta.get("strategy")}

@@ -16,6 +16,7 @@ from methods import cimeo
 from stages.analysis.overlap_count import add_common, describe, labels_of
 from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry
+from stages.core.markdown import markdown_table
 
 
 @cli_entry
@@ -55,7 +56,7 @@ def main(argv=None) -> None:
         "# CIMEO mask overlap by layer (mean over cognition pairs)", "", describe(meta), "",
         f"Tasks: {', '.join(labels)}. Per layer: |I_i ∩ I_j| / |I_i| over the layer's masked matrices, "
         f"over all ordered pairs i ≠ j. Random expectation: **{density:g}**.", "",
-        cimeo.markdown_table(["layer", "mean", "min", "max", "mean / random"], rows), ""])
+        markdown_table(["layer", "mean", "min", "max", "mean / random"], rows, digits=4), ""])
     data = {"tasks": list(masks), "labels": labels, "density": density, "random_expectation": density,
             "layers": {str(l): per_layer[l] for l in layers}}
     cimeo.write_report(args.out_dir, "overlap_count_by_layer", markdown, figure, data)

@@ -16,6 +16,7 @@ from methods import cimeo
 from stages.analysis.overlap_count import describe
 from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry, fail
+from stages.core.markdown import markdown_table
 
 
 @cli_entry
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
         f"# CIMEO mask overlap by layer: {label_a} vs {label_b}", "", describe(meta), "",
         f"Per layer: |I_a ∩ I_b| / |I_a| with a = `{a}`, b = `{b}` (set intersection). All layers together: "
         f"{overall:.4f}. Random expectation: **{density:g}**.", "",
-        cimeo.markdown_table(["layer", "layer overall"] + projections, rows), ""])
+        markdown_table(["layer", "layer overall"] + projections, rows, digits=4), ""])
     data = {"pair": [a, b], "labels": [label_a, label_b], "density": density, "random_expectation": density,
             "overall": overall, "layers": {str(l): {"overall": by_layer[l], **table[l]} for l in layers}}
     cimeo.write_report(args.out_dir, f"overlap_count_by_layer_{a}__{b}", markdown, figure, data)

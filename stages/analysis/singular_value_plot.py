@@ -21,6 +21,7 @@ from pathlib import Path
 from methods import cimeo
 from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry, fail
+from stages.core.markdown import markdown_table
 from stages.core.models import load_model
 
 
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
         "θ = degrees(arccos(svdvals(U0[:, :k]ᵀ Ut[:, :k]))) between the top-k left singular subspaces of the base and "
         "tuned W; overlap = ‖U0_kᵀ Ut_k‖²_F / k; energy = ‖U0_kᵀ Wt‖²_F / ‖Wt‖²_F (base energy: the same for W0)."
         + (" Rows average the layer's projections (max θ: the largest)." if args.proj == "all" else ""), "",
-        cimeo.markdown_table(header, rows), "",
+        markdown_table(header, rows, digits=4), "",
         "Over all layers: " + "; ".join(f"k={k}: mean θ {summary[k]['mean_angle']:.3f}°, max θ {summary[k]['max_angle']:.3f}°"
                                         for k in ks), ""])
     data = {"base": str(args.base), "tuned": str(args.tuned), "proj": args.proj, "ks": ks, "summary": summary,
