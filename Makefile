@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml requirements.lock requirements-test.lock
 	$(PY) -m pip install --no-deps --require-hashes -r requirements.lock
 	$(PY) -m pip install --no-deps --require-hashes -r requirements-test.lock
 	$(PY) -m pip install --no-deps -e .
+	# --no-deps checks nothing: only the dependencies left out on purpose may be missing.
+	! $(PY) -m pip check | grep -v -E "requires (bitsandbytes|llm|llama-cpp-python|sentence-transformers), which is not installed"
 	touch $(STAMP)
 
 # requirements.lock (the runtime and the embedded models) and requirements-test.lock (what the

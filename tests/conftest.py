@@ -24,10 +24,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a plain checkout too, before the editable install
+from stages.core.io import atomic_write_json, write_jsonl
 
-from stages.core.io import atomic_write_json, write_jsonl  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest workers: one torch thread each keeps them off each other's core.
@@ -90,10 +89,10 @@ def write_hamlet_wheel(folder: Path) -> Path:
 
 
 def run_gloo_workers(script: str, folder: Path, world: int = 2, timeout: int = 120) -> None:
-    """``script`` (a worker reading RANK, WORLD_SIZE and argv [root, store, folder]) run as
+    """``script`` (a worker reading RANK, WORLD_SIZE and argv [store, folder]) run as
     ``world`` processes of a gloo group on one machine; fails unless every one exits 0."""
     (folder / "worker.py").write_text(script)
-    procs = [subprocess.Popen([PYTHON, folder / "worker.py", ROOT, folder / "store", folder],
+    procs = [subprocess.Popen([PYTHON, folder / "worker.py", folder / "store", folder],
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), OMP_NUM_THREADS="1"))
              for r in range(world)]
     try:

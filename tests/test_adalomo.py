@@ -234,10 +234,9 @@ x, y = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, 1, 
 WORKER = r"""
 import os, sys
 import torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
 from methods.adalomo import AdaLomo
 rank, world = int(os.environ["RANK"]), 2
-dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=world)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=world)
 """ + REGRESSION + r"""
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 rows = slice(rank * 16 // world, (rank + 1) * 16 // world)
@@ -248,7 +247,7 @@ for _ in range(5):
         with opt.fused_backward():
             loss.backward()
     opt.step()
-torch.save([p.detach() for p in model.parameters()], sys.argv[3] + f"/rank{rank}.pt")
+torch.save([p.detach() for p in model.parameters()], sys.argv[2] + f"/rank{rank}.pt")
 dist.destroy_process_group()
 """
 

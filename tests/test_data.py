@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 from conftest import markdown_rows
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a plain checkout too, before the editable install
+from stages import fetch_data
+from stages.core import tasks
+from stages.core.errors import AdaptlabError
+from stages.core.tasks import build_task, build_tasks, load_task, read_rows, task_specs, validate_row
 
-from stages import fetch_data  # noqa: E402
-from stages.core import tasks  # noqa: E402
-from stages.core.errors import AdaptlabError  # noqa: E402
-from stages.core.tasks import build_task, build_tasks, load_task, read_rows, task_specs, validate_row  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Rotten Tomatoes fixture: 40 fresh + 40 rotten reviews, plot synopses (not reviews) and one
 # repeated review (dropped), with the real file's columns.

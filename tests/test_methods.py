@@ -1,8 +1,12 @@
-"""Every adapter method on the tiny model: it trains (loss falls), saves, reloads with plain peft
-to identical logits, and merges (stages/merge.py) to identical logits.
+"""Every method on the tiny model. The contract, once per decoder row of the repository's
+params.yaml (the quick tier, `make test-quick`): the row's decomposition if it has one, a couple
+of training steps, the saved adapter or model reloads to the trained logits, and stages/merge.py
+--run writes a plain model with the same logits. Then the adapter methods' own checks: the loss
+falls, LoRA-FA keeps A frozen, every script's --help, the response-only loss, bf16, sequences,
+the chat template and ROUGE scoring.
 
 Each method runs in-process through the same Trainer its script uses, on one task, so the whole
-file stays within a minute or two.
+file stays within a few minutes.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import LORA, ROOT, TRAIN, logits, probe_batch, tiny_params, write_params
 
+from stages.core.adapters import is_saved_adapter, load_adapter
 from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
 from stages.core.models import load_model
-from stages.core.sft import Trainer, build_config
+from stages.core.sft import Trainer, build_config, script_of
 
 # The tiny Llama's layers are 64 wide (k/v: 32, MLP: 128): block and group sizes must divide them.
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -57,15 +63,94 @@ def probe(methods_project):
     return probe_batch(methods_project)
 
 
+# ----------------------------------------------------------------------------- every row's contract
 
-@pytest.mark.parametrize("name", sorted(TINY_METHODS))
-def test_method_trains_saves_reloads_and_merges(name, methods_project, probe, monkeypatch):
+REPOSITORY_METHODS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["methods"]
+# The rows that train the decoder (the encoder table's rows start from MiniLM: tests/test_encoder.py).
+DECODER_ROWS = sorted(name for name, section in REPOSITORY_METHODS.items() if section.get("base") != "encoder_model")
+# Where a row's params.yaml section does not fit the tiny Llama (64 wide; k/v 32, MLP 128) or its
+# two made-up tasks (mc, gen); merged into the section (decompose args included).
+TINY_ROWS = {
+    "bone": {"r": 16}, "miss": {"r": 16}, "road": {"group_size": 16},
+    "loran": {"r": [8, 0]},  # 0: each layer's own in_features
+    "loretta": {"tt_shapes": []}, "loretta_adp": {"tt_shapes": []},  # []: factorised from each layer's shape
+    "corda_kpa": {"decompose": {"args": {"calib_dataset": "gen", "calib_loader_size": 8}}},
+    "corda_ipa": {"decompose": {"args": {"calib_dataset": "mc", "calib_loader_size": 8}}},
+    "cimeo": {"mask_batches": 2, "decompose": {"args": {"threads": 1}}},
+    "cimeo_pretrain": {"mask_batches": 2, "decompose": {"args": {"threads": 1}}},
+}
+
+
+def merged_section(section: dict, changes: dict) -> dict:
+    out = dict(section)
+    for key, value in changes.items():
+        out[key] = merged_section(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows_project(project, tmp_path_factory):
+    """A workspace on the session's model and data whose params.yaml holds every decoder row of
+    the repository's params.yaml (the decompose stage reads params.yaml)."""
+    root = tmp_path_factory.mktemp("rows")
+    (root / "models").mkdir()
+    (root / "models" / "base").symlink_to(project / "models" / "base", target_is_directory=True)
+    (root / "data").symlink_to(project / "data", target_is_directory=True)
+    methods = {row: merged_section(REPOSITORY_METHODS[row], TINY_ROWS.get(row, {})) for row in DECODER_ROWS}
+    write_params(root / "params.yaml", tiny_params(methods=methods, sequences={"one": ["mc"]}))
+    return root
+
+
+def reload(base_model: str, saved: Path) -> torch.nn.Module:
+    """A run's saved model as a user loads it: a peft adapter with peft, an adaptlab adapter with
+    stages/core/adapters.py, full weights with transformers."""
     from peft import PeftModel
 
-    from stages.merge import merge
+    if (saved / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(load_model(base_model), str(saved))
+    if is_saved_adapter(saved):
+        return load_adapter(load_model(base_model), saved)
+    return load_model(saved)
 
+
+@pytest.mark.quick
+@pytest.mark.parametrize("row", DECODER_ROWS)
+def test_row_trains_saves_reloads_and_merges(row, rows_project, monkeypatch):
+    from stages import decompose, merge
+
+    monkeypatch.chdir(rows_project)
+    _, _, batch = probe_batch(rows_project)
+    section = REPOSITORY_METHODS[row]
+    start = "models/base"
+    if "decompose" in section:  # as dvc.yaml's decompose stage runs it
+        start = f"models/init/{row}"
+        decompose.main(["--method", row, "--sequence", "one", "--out", start])
+    method = importlib.import_module(f"methods.{Path(script_of(row, section)).stem}").METHOD
+    cfg = build_config(method, ["--method", row, "--sequence", "one", "--base_model", start, "--steps_per_task", "2",
+                                "--eval_limit", "2", "--output_dir", f"runs/{row}", "--results_dir", f"results/train/{row}",
+                                "--work_dir", f"checkpoints/{row}"])
+    trainer = Trainer(method, cfg)
+    before = logits(trainer.unwrapped, batch)
+    trainer.run()
+    expected = logits(trainer.unwrapped, batch)
+    assert not torch.equal(expected, before), f"{row}: two steps changed nothing"
+
+    torch.testing.assert_close(logits(reload(cfg.base_model, rows_project / "runs" / row / "final"), batch), expected,
+                               atol=2e-4, rtol=1e-4)
+    merge.main(["--run", f"runs/{row}", "--output_path", f"merged/{row}"])
+    torch.testing.assert_close(logits(load_model(f"merged/{row}"), batch), expected, atol=2e-4, rtol=1e-4)
+
+    metrics = json.loads((rows_project / "results" / "train" / row / "metrics.json").read_text())
+    assert 0 < metrics["trainable_params"] <= metrics["total_params"]
+
+
+# ----------------------------------------------------------------------------- adapter methods
+
+
+@pytest.mark.parametrize("name", sorted(TINY_METHODS))
+def test_adapter_method_lowers_the_loss(name, methods_project, probe, monkeypatch):
     monkeypatch.chdir(methods_project)
-    tokenizer, encoded, batch = probe
+    tokenizer, encoded, _ = probe
     method = load_method(name)
     tag = f"method-{name}"
     cfg = build_config(method, ["--params", "params_methods.yaml", "--sequence", "one", "--steps_per_task", "12",
@@ -75,20 +160,8 @@ def test_method_trains_saves_reloads_and_merges(name, methods_project, probe, mo
     base_loss = response_loss(load_model("models/base"), encoded, tokenizer.pad_token_id)
     trainer = Trainer(method, cfg)
     trainer.run()
-    trained = trainer.unwrapped
-    expected = logits(trained, batch)
-
-    final = methods_project / "runs" / tag / "final"
-    assert json.loads((final / "adapter_config.json").read_text())["peft_type"]
-    reloaded = PeftModel.from_pretrained(load_model("models/base"), str(final))
-    torch.testing.assert_close(logits(reloaded, batch), expected, atol=2e-4, rtol=1e-4)
-
-    merged_dir = merge("models/base", str(final), str(methods_project / "merged" / tag))
-    torch.testing.assert_close(logits(load_model(merged_dir), batch), expected, atol=2e-4, rtol=1e-4)
-
-    trained_loss = response_loss(reloaded, encoded, tokenizer.pad_token_id)
+    trained_loss = response_loss(trainer.unwrapped, encoded, tokenizer.pad_token_id)
     assert trained_loss < base_loss - 0.1, f"{name}: loss {base_loss:.3f} -> {trained_loss:.3f}"
-
     metrics = json.loads((methods_project / "results" / "train" / tag / "metrics.json").read_text())
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
 

@@ -380,10 +380,9 @@ def test_zoadamu_momentum_is_the_perturbation():
 
 WORKER = r"""
 import os, sys, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
 from methods.zeroth_order import MeZO, ZOAdaMU
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=world)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=world)
 g = torch.Generator().manual_seed(0)
 x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randn(16, 1, generator=g, dtype=torch.float64)
 rows = slice(rank * 16 // world, (rank + 1) * 16 // world)  # this process's share of the batch
@@ -393,7 +392,7 @@ for name, cls, extra in (("mezo", MeZO, {}), ("zoadamu", ZOAdaMU, {"anneal_steps
     opt = cls([w], lr=1e-2, eps=1e-3, **extra)
     for _ in range(5):
         opt.step(lambda: ((x[rows] @ w - y[rows]) ** 2).mean())
-    torch.save(w.detach(), sys.argv[3] + f"/{name}{rank}.pt")
+    torch.save(w.detach(), sys.argv[2] + f"/{name}{rank}.pt")
 """
 
 
