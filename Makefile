@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml requirements.lock requirements-test.lock
 	$(PY) -m pip install --no-deps --require-hashes -r requirements.lock
 	$(PY) -m pip install --no-deps --require-hashes -r requirements-test.lock
 	$(PY) -m pip install --no-deps -e .
-	# --no-deps checks nothing: only the dependencies left out on purpose may be missing.
+	# --no-deps checks nothing: only the dependencies left out on purpose may be missing (a
+	# package pyproject.toml names that the locks lack means: run `make lock`).
 	! $(PY) -m pip check | grep -v -E "requires (bitsandbytes|llm|llama-cpp-python|sentence-transformers), which is not installed"
 	touch $(STAMP)
 
@@ -34,7 +35,9 @@ UV_COMPILE = UV_INDEX_STRATEGY=unsafe-best-match \
 	UV_FIND_LINKS="$$($(PY) -m pip config get global.find-links 2>/dev/null)" \
 	$(VENV)/bin/uv pip compile --quiet --python $(PY) --generate-hashes --custom-compile-command "make lock" $(UPGRADE)
 
-lock: venv
+# Not after `venv`: that fails while pyproject.toml names a package the locks lack.
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install uv==0.13.9
 	$(UV_COMPILE) pyproject.toml --extra models -o requirements.lock
 	$(UV_COMPILE) --group test -c requirements.lock -o requirements-test.lock \
