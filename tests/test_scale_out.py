@@ -15,7 +15,7 @@ from conftest import PYTHON, ROOT, check, run_cmd, write_params
 from test_pipeline import TINY_TABLES, dvc, dvc_repo, ran_stages  # noqa: F401  (dvc_repo: the fixture)
 
 
-def test_table_over_two_workers_survives_a_killed_worker(dvc_repo, tmp_path):
+def test_table_over_two_workers_survives_a_killed_worker(dvc_repo, tmp_path):  # noqa: F811  (the fixture)
     repo, env = dvc_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
     write_params(repo / "params.yaml", dict(params, tables={"main": TINY_TABLES["main"]}))
