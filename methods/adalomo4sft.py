@@ -16,8 +16,27 @@ LOMO's two-backward clipping). --grad_accum must be 1; fp16 mixed precision is r
 Optimizer and train step: methods/adalomo.py (AdaLomo, adalomo_step).
 """
 
-from methods.adalomo import adalomo_step, build_adalomo
+from dataclasses import dataclass
+
+import torch
+
+from methods.adalomo import AdaLomo, adalomo_step, build_adalomo
+from stages.core.settings import library_check, setting
 from stages.core.sft import Method, main
+
+
+@dataclass(kw_only=True)
+class AdaLomoSettings:
+    """AdaLomo: full-parameter tuning, the Adafactor-like update fused into backward"""
+
+    eps: list[float] = setting(help="ε1 ε2: ε1 added to g² in the second moment, ε2 the floor of RMS(θ) in the step size")
+    clip_threshold: float = setting(help="grouped update normalisation: U /= max(1, RMS(U) / clip_threshold)")
+    decay_rate: float = setting(help="β2 at step t is 1 − t^decay_rate (Adafactor's schedule); negative")
+    clip_grad_value: float = setting(help="clip each gradient entry to ±clip_grad_value; 0: off")
+
+    def __post_init__(self):
+        library_check(AdaLomo, "AdaLomo settings", params=[torch.nn.Parameter(torch.zeros(1))], eps=self.eps,
+                      clip_threshold=self.clip_threshold, decay_rate=self.decay_rate, clip_grad_value=self.clip_grad_value)
 
 
 def build(model, cfg, ctx):
@@ -31,7 +50,7 @@ def optimizer(model, cfg, ctx):
     return build_adalomo(model, cfg)
 
 
-METHOD = Method("adalomo", build, optimizer=optimizer, train_step=adalomo_step, doc=__doc__)
+METHOD = Method("adalomo", build, optimizer=optimizer, train_step=adalomo_step, doc=__doc__, settings=AdaLomoSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.core.config import OneLineParser, load_params, section
+from stages.core.config import OneLineParser, check_keys, load_params, section
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json
 
@@ -51,6 +51,9 @@ def main(argv=None) -> None:
     base = section(params, "base_model", "path")
     if not isinstance(spec, dict):
         fail(f"methods.{args.method} has no decompose: section: its runs start from the base model ({base})")
+    check_keys(spec, ("script", "per_sequence", "args"), f"methods.{args.method}.decompose")
+    if not isinstance(spec.get("args", {}), dict):
+        fail(f"methods.{args.method}.decompose.args must be a mapping of the script's flags, got {spec['args']!r}")
     script = METHODS_DIR / str(spec.get("script", ""))
     if not script.is_file():
         fail(f"methods.{args.method}.decompose.script '{spec.get('script')}' is not a script in methods/")
