@@ -27,7 +27,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class AdaLomoSettings:
-    """AdaLomo: full-parameter tuning, the Adafactor-like update fused into backward"""
+    """AdaLomo: full-parameter tuning, the Adafactor-like update fused into backward."""
 
     eps: list[float] = setting(help="ε1 ε2: ε1 added to g² in the second moment, ε2 the floor of RMS(θ) in the step size")
     clip_threshold: float = setting(help="grouped update normalisation: U /= max(1, RMS(U) / clip_threshold)")

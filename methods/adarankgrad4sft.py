@@ -27,7 +27,7 @@ from stages.core.sft import Method, build_tuned, main
 
 @dataclass(kw_only=True)
 class AdaRankGradSettings:
-    """AdaRankGrad: GaLore-like, the subspace's rank chosen per matrix from its gradient's energy"""
+    """AdaRankGrad: GaLore-like, the subspace's rank chosen per matrix from its gradient's energy."""
 
     rank_min: int = setting(help="smallest rank of a matrix's gradient subspace")
     rank_max: int = setting(help="largest rank (the moments take at most rank_max / min(m, n) of AdamW's)")

@@ -18,7 +18,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class BoneSettings:
-    """Bone: one trainable r x r block per output block row"""
+    """Bone: one trainable r x r block per output block row."""
 
     r: int = setting(help="block size: r x r blocks; must divide the target layers' in and out features")
     target_modules: list[str] = like(LoraSettings, "target_modules")

@@ -37,7 +37,7 @@ from stages.core.sft import main
 
 @dataclass(kw_only=True)
 class CimeoSettings:
-    """CIMEO: sparse AdamW on each task's gradient-frequency mask of the target matrices"""
+    """CIMEO: sparse AdamW on each task's gradient-frequency mask of the target matrices."""
 
     objective: str = setting(help="sft: through the chat template, the loss on the answer; pretrain: plain text, the loss "
                                   "on every token", choices=cimeo.OBJECTIVES)

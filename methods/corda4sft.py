@@ -33,8 +33,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class CordaSettings(LoraSettings):
-    """CorDA: the LoRA its decompose stage built (r, lora_alpha and target_modules must agree with
-    it; none: the decomposition's own)"""
+    """CorDA: the LoRA its decompose stage built; r, lora_alpha, target_modules must agree with it (none: its own)."""
 
     r: int | None = like(LoraSettings, "r", None)
     lora_alpha: int | None = like(LoraSettings, "lora_alpha", None)

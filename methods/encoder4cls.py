@@ -33,7 +33,7 @@ LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules")
 
 @dataclass(kw_only=True)
 class EncoderSettings:
-    """the encoder's method: what trains besides the new classification head (a kind's settings are needed by it only)"""
+    """The encoder's method: what trains besides the new classification head (a kind's settings: that kind only)."""
 
     kind: str = setting(help="full: every weight; lora: a peft LoRA; loretta: LoRETTA's tensor-train layers",
                         choices=encoder.KINDS)

@@ -19,7 +19,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class EvaSettings(LoraSettings):
-    """EVA: LoRA's A started on the top singular vectors of each layer's inputs"""
+    """EVA: LoRA's A started on the top singular vectors of each layer's inputs."""
 
     rho: float = setting(help="rank budget: a layer may get up to rho·r ranks by explained variance (>= 1)")
     tau: float = setting(help="stop the incremental SVD once successive estimates agree to this cosine similarity, in [0, 1]")

@@ -23,7 +23,7 @@ from stages.core.sft import Method, build_tuned, main
 
 @dataclass(kw_only=True)
 class GaloreSettings:
-    """GaLore: Adam in a rank-r subspace of each target matrix's gradient"""
+    """GaLore: Adam in a rank-r subspace of each target matrix's gradient."""
 
     rank: int = setting(help="rank r of the gradient subspace of each target matrix")
     update_proj_gap: int = setting(help="steps between new subspaces (an SVD of each target matrix's gradient)")

@@ -32,7 +32,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class GorpSettings(LoraSettings):
-    """GORP: per task a new LoRA (r, lora_alpha, lora_dropout) and GaLore-projected full weights"""
+    """GORP: per task a new LoRA (r, lora_alpha, lora_dropout) and GaLore-projected full weights."""
 
     rank: int = setting(help="rank of the subspace of W's gradient (seen from its inputs) that W's step takes")
     update_proj_gap: int = setting(help="steps between new subspaces of W's gradient")

@@ -23,7 +23,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class LoranSettings:
-    """LoRAN: LoRA whose update B·A passes through f(u) = u + A_amp·u·sin(omega·u)"""
+    """LoRAN: LoRA whose update B·A passes through f(u) = u + A_amp·u·sin(omega·u)."""
 
     r: list[int] = setting(help="the rank r0, then the layer's in_features (0: each layer's own); with use_P more "
                                 "entries, the widths of the chain")

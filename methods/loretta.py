@@ -124,7 +124,7 @@ class TTAdapterLinear(nn.Module):
 
 @dataclass(kw_only=True)
 class LorettaLayerSettings:
-    """LoRETTA's layers: LoRA with tensor-train A and B (loretta_rep) or tensor-train bottleneck adapters (loretta_adp)"""
+    """LoRETTA's layers: LoRA with tensor-train A, B (loretta_rep) or tensor-train bottleneck adapters (loretta_adp)."""
 
     tuning_type: str = setting(help="loretta_rep: LoRA with tensor-train A, B on target_modules; loretta_adp: tensor-train "
                                     "bottleneck adapters on adapter_modules, norms trainable", choices=TUNING_TYPES)

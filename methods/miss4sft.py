@@ -16,7 +16,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class MissSettings:
-    """MiSS: one r x out shard shared by every r-wide slice of the input"""
+    """MiSS: one r x out shard shared by every r-wide slice of the input."""
 
     r: int = setting(help="shard height: the input is cut into r-sized slices (must divide in_features)")
     miss_dropout: float = setting(help="dropout on the shard's input, in [0, 1)")

@@ -26,7 +26,7 @@ from stages.core.sft import Method, StepInputs, first_order_step, main
 
 @dataclass(kw_only=True)
 class OLoraSettings(LoraSettings):
-    """O-LoRA: a new LoRA per task, kept orthogonal to the earlier tasks' ones"""
+    """O-LoRA: a new LoRA per task, kept orthogonal to the earlier tasks' ones."""
 
     lambda_1: float = setting(help="weight of the orthogonality loss Σ|A_i·A_tᵀ|; 0: plain sequential LoRA")
     lambda_2: float = setting(help="weight of the L2 penalty on the new LoRA")

@@ -17,7 +17,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class PissaSettings(LoraSettings):
-    """PiSSA: LoRA started on the principal singular vectors"""
+    """PiSSA: LoRA started on the principal singular vectors."""
 
     svd_niter: int = setting(help="subspace iterations of the fast randomised SVD (peft's pissa_niter_K); 0: exact SVD")
 

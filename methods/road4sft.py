@@ -18,7 +18,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class RoadSettings:
-    """RoAd: trainable 2D rotations (scale α, angle θ) of the frozen layer's outputs"""
+    """RoAd: trainable 2D rotations (scale α, angle θ) of the frozen layer's outputs."""
 
     variant: str = setting(help="road_1: one (α, θ) per pair of outputs; road_2: one per output; road_4: two per output",
                            choices=("road_1", "road_2", "road_4"))

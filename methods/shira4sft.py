@@ -16,7 +16,7 @@ from stages.core.sft import Method, main
 
 @dataclass(kw_only=True)
 class ShiraSettings:
-    """SHiRA: a fixed random sparse set of trainable entries in each target weight"""
+    """SHiRA: a fixed random sparse set of trainable entries in each target weight."""
 
     r: int = setting(help="sparsity as LoRA's rank: each weight trains r·(in + out) entries")
     target_modules: list[str] = like(LoraSettings, "target_modules")

@@ -55,7 +55,7 @@ NOISE_CHUNK = 1 << 21  # elements per noise chunk: 8 MB of fp32 scratch per draw
 
 @dataclass(kw_only=True)
 class ZerothOrderSettings:
-    """zeroth-order training: two forward passes at θ ± ε·z estimate the gradient along z"""
+    """Zeroth-order training: two forward passes at θ ± ε·z estimate the gradient along z."""
 
     zo_eps: float = setting(help="perturbation scale ε (MeZO: 1e-3 for full weights, 1e-2 for a LoRA)")
 

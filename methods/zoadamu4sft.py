@@ -27,7 +27,7 @@ from stages.core.sft import Method, build_tuned, main, weight_decay_groups
 
 @dataclass(kw_only=True)
 class ZoAdamuSettings(TunedSettings, ZerothOrderSettings):
-    """ZO-AdaMU: MeZO with a momentum perturbation and simulated-annealed α, β1, β2"""
+    """ZO-AdaMU: MeZO with a momentum perturbation and simulated-annealed α, β1, β2."""
 
     anneal_start: float = setting(help="T1 as a fraction of steps_per_task: α, β1, β2 stay 1 before it")
     anneal_end: float = setting(help="T2 as a fraction of steps_per_task: the half cosine to the *_end values ends there")

@@ -157,7 +157,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type | None, values: dict, t
     """One flag per field of ``cls``, its default from ``values`` (else the field's), its value
     converted as params.yaml values are; --help shows the type (INT, FLOAT, STR or the choices),
     the meaning and the default. Booleans are --flag / --no-flag."""
-    group = parser.add_argument_group(title, (cls.__doc__ or "").strip() if cls else None)
+    group = parser.add_argument_group(title, " ".join((cls.__doc__ or "").split()) if cls else None)
     for spec in specs(cls) if cls else []:
         default = values.get(spec.name, spec.default)
         meaning = f"{spec.help} (default: {shown(default)})".replace("%", "%%")
@@ -191,7 +191,7 @@ def check_positive(settings: Any, *fields: str) -> None:
     for name in fields:
         value = getattr(settings, name)
         if value is not None and value <= 0:
-            fail(f"--{name} must be a positive number, got {value!r}")
+            fail(f"--{name} must be a positive {'integer' if isinstance(value, int) else 'number'}, got {value!r}")
 
 
 def check_non_negative(settings: Any, *fields: str) -> None:
@@ -283,7 +283,7 @@ class TrainSettings:
 
 @dataclass(kw_only=True)
 class LoraSettings:
-    """LoRA: h = W0·x + (lora_alpha / r)·B·A·dropout(x) on the target layers"""
+    """LoRA: h = W0·x + (lora_alpha / r)·B·A·dropout(x) on the target layers."""
 
     r: int = setting(help="rank of A (r x in) and B (out x r)")
     lora_alpha: int = setting(help="scale numerator: the update is (lora_alpha / r)·B·A")
@@ -298,7 +298,7 @@ class LoraSettings:
 
 @dataclass(kw_only=True)
 class TunedSettings(LoraSettings):
-    """what trains: every weight (full) or a LoRA (its settings apply only with --tuning lora)"""
+    """What trains: every weight (full) or a LoRA (its settings apply with --tuning lora only)."""
 
     tuning: str = setting(help="full: every weight of the base model trains; lora: only a LoRA's A and B",
                           choices=("full", "lora"))
