@@ -18,10 +18,9 @@ Optimizer and train step: methods/adalomo.py (AdaLomo, adalomo_step).
 
 from dataclasses import dataclass
 
-import torch
-
-from methods.adalomo import AdaLomo, adalomo_step, build_adalomo
-from stages.core.settings import library_check, setting
+from methods.adalomo import adalomo_step, build_adalomo
+from stages.core.errors import fail
+from stages.core.settings import check_non_negative, check_positive, setting
 from stages.core.sft import Method, main
 
 
@@ -35,8 +34,12 @@ class AdaLomoSettings:
     clip_grad_value: float = setting(help="clip each gradient entry to ±clip_grad_value; 0: off")
 
     def __post_init__(self):
-        library_check(AdaLomo, "AdaLomo settings", params=[torch.nn.Parameter(torch.zeros(1))], eps=self.eps,
-                      clip_threshold=self.clip_threshold, decay_rate=self.decay_rate, clip_grad_value=self.clip_grad_value)
+        if len(self.eps) != 2 or min(self.eps) < 0:
+            fail(f"--eps must be two numbers >= 0 (ε1 ε2), got {self.eps}")
+        if self.decay_rate >= 0:
+            fail(f"--decay_rate must be negative (β2 = 1 − t^decay_rate), got {self.decay_rate}")
+        check_positive(self, "clip_threshold")
+        check_non_negative(self, "clip_grad_value")
 
 
 def build(model, cfg, ctx):

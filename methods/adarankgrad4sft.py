@@ -44,10 +44,9 @@ class AdaRankGradSettings:
     def __post_init__(self):
         check_positive(self, "scale")
         check_not_empty(self, "target_modules")
-        library_check(lambda **group: AdaRankGrad._check_group({**group, "params": []}), "AdaRankGrad settings",
-                      rank_min=self.rank_min, rank_max=self.rank_max, rank_step=self.rank_step, energy=self.energy,
-                      refresh_threshold=self.refresh_threshold, update_proj_gap=self.update_proj_gap, scale=self.scale,
-                      second_moment=self.second_moment)
+        group = {name: getattr(self, name) for name in ("rank_min", "rank_max", "rank_step", "energy", "refresh_threshold",
+                                                        "update_proj_gap", "scale", "second_moment")}
+        library_check(AdaRankGrad._check_group, group={**group, "params": []})
 
 
 def build(model, cfg, ctx):

@@ -29,7 +29,7 @@ class EvaSettings(LoraSettings):
     def __post_init__(self):
         super().__post_init__()
         check_positive(self, "calib_samples", "calib_batch_size")
-        library_check(EvaConfig, "EVA settings", rho=self.rho, tau=self.tau)
+        library_check(EvaConfig, "EVA settings: ", rho=self.rho, tau=self.tau)
 
 
 def build(model, cfg, ctx):

@@ -27,7 +27,7 @@ class RoadSettings:
 
     def __post_init__(self):
         check_not_empty(self, "target_modules")
-        library_check(RoadConfig, "RoAd settings", variant=self.variant, group_size=self.group_size,
+        library_check(RoadConfig, "RoAd settings: ", variant=self.variant, group_size=self.group_size,
                       target_modules=self.target_modules)
 
 

@@ -207,23 +207,21 @@ def check_not_empty(settings: Any, *fields: str) -> None:
             fail(f"--{name} must name at least one, got none")
 
 
-def check_fraction(settings: Any, name: str, low_open: bool = False, high_open: bool = True) -> None:
-    """``name`` in [0, 1) (or (0, 1], [0, 1], ... by the open ends)."""
-    value = getattr(settings, name)
-    if value is None:
-        return
-    if (value <= 0 if low_open else value < 0) or (value >= 1 if high_open else value > 1):
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        fail(f"--{name} must be in {interval}, got {value!r}")
+def check_fraction(settings: Any, *fields: str) -> None:
+    """Each of ``fields`` in [0, 1) (a dropout, a warm-up fraction)."""
+    for name in fields:
+        value = getattr(settings, name)
+        if value is not None and not 0 <= value < 1:
+            fail(f"--{name} must be in [0, 1), got {value!r}")
 
 
-def library_check(check: Callable[..., object], what: str, **kwargs: Any) -> None:
-    """Run a library's own checks of the settings now, before any work, as one error line:
-    ``check`` is its config class (peft's) or checking function, called with ``kwargs``."""
+def library_check(check: Callable[..., object], what: str = "", **kwargs: Any) -> None:
+    """Run a library's own checks of the settings now, before any work, as one error line
+    (``what``: prefix): ``check`` is its config class (peft's) or checking function."""
     try:
         check(**kwargs)
     except (ValueError, TypeError) as err:
-        fail(f"{what}: {' '.join(str(err).split())}")
+        fail(f"{what}{' '.join(str(err).split())}")
 
 
 # ----------------------------------------------------------------------------- the core's settings
