@@ -28,7 +28,7 @@ from stages.core.sft import Method, StepInputs, adamw, first_order_step, main, w
 
 
 @dataclass(kw_only=True)
-class LorettaSettings(loretta.LorettaLayerSettings, ZerothOrderSettings):
+class LorettaSettings(ZerothOrderSettings, loretta.LorettaLayerSettings):
     """LoRETTA: tensor-train adapters, trained by Adam or zeroth-order."""
 
     trainer: str = setting(help="adam: AdamW by backpropagation; zo: MeZO's ZO-SGD; zo_adam: Adam fed with the zeroth-order "

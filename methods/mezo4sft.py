@@ -20,7 +20,7 @@ from stages.core.sft import Method, build_tuned, main, weight_decay_groups
 
 
 @dataclass(kw_only=True)
-class MezoSettings(TunedSettings, ZerothOrderSettings):
+class MezoSettings(ZerothOrderSettings, TunedSettings):
     """MeZO: ZO-SGD on every weight or on a LoRA."""
 
     def __post_init__(self):

@@ -26,7 +26,7 @@ from stages.core.sft import Method, build_tuned, main, weight_decay_groups
 
 
 @dataclass(kw_only=True)
-class ZoAdamuSettings(TunedSettings, ZerothOrderSettings):
+class ZoAdamuSettings(ZerothOrderSettings, TunedSettings):
     """ZO-AdaMU: MeZO with a momentum perturbation and simulated-annealed α, β1, β2."""
 
     anneal_start: float = setting(help="T1 as a fraction of steps_per_task: α, β1, β2 stay 1 before it")
