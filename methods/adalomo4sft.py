@@ -16,8 +16,30 @@ LOMO's two-backward clipping). --grad_accum must be 1; fp16 mixed precision is r
 Optimizer and train step: methods/adalomo.py (AdaLomo, adalomo_step).
 """
 
+from dataclasses import dataclass
+
 from methods.adalomo import adalomo_step, build_adalomo
+from stages.core.errors import fail
+from stages.core.settings import check_non_negative, check_positive, setting
 from stages.core.sft import Method, main
+
+
+@dataclass(kw_only=True)
+class AdaLomoSettings:
+    """AdaLomo: full-parameter tuning, the Adafactor-like update fused into backward."""
+
+    eps: list[float] = setting(help="ε1 ε2: ε1 added to g² in the second moment, ε2 the floor of RMS(θ) in the step size")
+    clip_threshold: float = setting(help="grouped update normalisation: U /= max(1, RMS(U) / clip_threshold)")
+    decay_rate: float = setting(help="β2 at step t is 1 − t^decay_rate (Adafactor's schedule); negative")
+    clip_grad_value: float = setting(help="clip each gradient entry to ±clip_grad_value; 0: off")
+
+    def __post_init__(self):
+        if len(self.eps) != 2 or min(self.eps) < 0:
+            fail(f"--eps must be two numbers >= 0 (ε1 ε2), got {self.eps}")
+        if self.decay_rate >= 0:
+            fail(f"--decay_rate must be negative (β2 = 1 − t^decay_rate), got {self.decay_rate}")
+        check_positive(self, "clip_threshold")
+        check_non_negative(self, "clip_grad_value")
 
 
 def build(model, cfg, ctx):
@@ -31,7 +53,7 @@ def optimizer(model, cfg, ctx):
     return build_adalomo(model, cfg)
 
 
-METHOD = Method("adalomo", build, optimizer=optimizer, train_step=adalomo_step, doc=__doc__)
+METHOD = Method("adalomo", build, optimizer=optimizer, train_step=adalomo_step, doc=__doc__, settings=AdaLomoSettings)
 
 if __name__ == "__main__":
     main(METHOD)

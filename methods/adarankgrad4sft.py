@@ -17,11 +17,36 @@ see params.yaml methods.adarankgrad for the SmolLM2 values.
 Optimizer: methods/projection.py AdaRankGrad (its docstring has the details).
 """
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 from methods.projection import AdaRankGrad, projection_groups
-from stages.core.config import check_choice
+from stages.core.settings import LoraSettings, check_not_empty, check_positive, library_check, like, setting
 from stages.core.sft import Method, build_tuned, main
+
+
+@dataclass(kw_only=True)
+class AdaRankGradSettings:
+    """AdaRankGrad: GaLore-like, the subspace's rank chosen per matrix from its gradient's energy."""
+
+    rank_min: int = setting(help="smallest rank of a matrix's gradient subspace")
+    rank_max: int = setting(help="largest rank (the moments take at most rank_max / min(m, n) of AdamW's)")
+    rank_step: int = setting(help="ranks tried: rank_min, rank_min + rank_step, ..., rank_max")
+    energy: float = setting(help="the rank kept is the smallest whose components hold this fraction of ‖G‖², in (0, 1]")
+    refresh_threshold: float = setting(help="new subspace when less than this fraction of the gradient's energy lies in it, "
+                                            "in [0, 1]")
+    update_proj_gap: int = setting(help="steps after which a subspace is renewed anyway")
+    scale: float = setting(help="the projected matrices' step is lr·scale (embeddings and norms: lr)")
+    second_moment: str = setting(help="how V moves into a new basis R = Q_new·Q_oldᵀ: rotate: max(R·V, 0) (the paper's), "
+                                      "squared: (R∘R)·V", choices=("rotate", "squared"))
+    target_modules: list[str] = like(LoraSettings, "target_modules")
+
+    def __post_init__(self):
+        check_positive(self, "scale")
+        check_not_empty(self, "target_modules")
+        group = {name: getattr(self, name) for name in ("rank_min", "rank_max", "rank_step", "energy", "refresh_threshold",
+                                                        "update_proj_gap", "scale", "second_moment")}
+        library_check(AdaRankGrad._check_group, group={**group, "params": []})
 
 
 def build(model, cfg, ctx):
@@ -29,7 +54,6 @@ def build(model, cfg, ctx):
 
 
 def optimizer(model, cfg, ctx):
-    check_choice(cfg, "second_moment", ["rotate", "squared"])
     groups = projection_groups(model, cfg.target_modules, cfg.weight_decay, rank_min=cfg.rank_min,
                                rank_max=cfg.rank_max, rank_step=cfg.rank_step, energy=cfg.energy,
                                refresh_threshold=cfg.refresh_threshold, update_proj_gap=cfg.update_proj_gap,
@@ -37,7 +61,7 @@ def optimizer(model, cfg, ctx):
     return AdaRankGrad(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-METHOD = Method("adarankgrad", build, optimizer=optimizer, doc=__doc__)
+METHOD = Method("adarankgrad", build, optimizer=optimizer, doc=__doc__, settings=AdaRankGradSettings)
 
 if __name__ == "__main__":
     main(METHOD)

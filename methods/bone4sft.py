@@ -8,9 +8,24 @@ product; D starts at 0 (training starts at the base model). r must divide in and
 peft dropped the Bone tuner: its Bat form lives on as MissConfig(init_weights="bat").
 """
 
+from dataclasses import dataclass
+
 from peft import MissConfig, get_peft_model
 
+from stages.core.settings import LoraSettings, check_not_empty, check_positive, like, setting
 from stages.core.sft import Method, main
+
+
+@dataclass(kw_only=True)
+class BoneSettings:
+    """Bone: one trainable r x r block per output block row."""
+
+    r: int = setting(help="block size: r x r blocks; must divide the target layers' in and out features")
+    target_modules: list[str] = like(LoraSettings, "target_modules")
+
+    def __post_init__(self):
+        check_positive(self, "r")
+        check_not_empty(self, "target_modules")
 
 
 def build(model, cfg, ctx):
@@ -18,7 +33,7 @@ def build(model, cfg, ctx):
     return get_peft_model(model, config)
 
 
-METHOD = Method("bone", build, doc=__doc__)
+METHOD = Method("bone", build, doc=__doc__, settings=BoneSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -511,7 +511,7 @@ def optimizer(model: torch.nn.Module, cfg, ctx) -> SparseAdamW:
                                                                   if id(weights[n]) in masked}, lr=cfg.lr)
 
 
-def make_method(doc: str):
+def make_method(doc: str, settings: type):
     """The Method of methods/cimeo4sft.py: its params section's ``objective`` picks the form, sft
     (chat template, loss on the answer) or pretrain (every token of the plain text)."""
     from stages.core.sft import Method
@@ -520,7 +520,7 @@ def make_method(doc: str):
         check_method_settings(cfg)
         return ENCODERS[cfg.objective]
 
-    return Method("cimeo", build, optimizer=optimizer, doc=doc, encoder=encoder)
+    return Method("cimeo", build, optimizer=optimizer, doc=doc, encoder=encoder, settings=settings)
 
 
 # ----------------------------------------------------------------------------- overlap

@@ -28,10 +28,35 @@ Memory: the moments hold density x the target weights (plus the dense parameters
 still computed densely by autograd. The core's clipping (--max_grad_norm) sees the whole gradient.
 """
 
-from methods.cimeo import make_method
+from dataclasses import dataclass
+
+from methods import cimeo
+from stages.core.settings import LoraSettings, like, setting
 from stages.core.sft import main
 
-METHOD = make_method(__doc__)
+
+@dataclass(kw_only=True)
+class CimeoSettings:
+    """CIMEO: sparse AdamW on each task's gradient-frequency mask of the target matrices."""
+
+    objective: str = setting(help="sft: through the chat template, the loss on the answer; pretrain: plain text, the loss "
+                                  "on every token", choices=cimeo.OBJECTIVES)
+    strategy: str = setting(help="the entries a task trains: max: most often in the top density fraction of |∂L/∂W|, "
+                                 "min: least often, random: a seeded random subset", choices=cimeo.STRATEGIES)
+    density: float = setting(help="fraction of each target matrix a task trains, in (0, 1]")
+    masks: str = setting(help="a folder written by methods/build_cimeo_masks.py; empty: the decompose stage's, else "
+                              "computed in-process")
+    mask_batches: int = setting(help="batches of each task's training rows that rank the entries; 0: all rows")
+    mask_batch_size: int = setting(help="rows per batch when ranking the entries")
+    dense: str = setting(help="what trains densely besides the masked entries: all: norms and the tied embedding / LM "
+                              "head, norms: norms only, none: nothing", choices=cimeo.DENSE_CHOICES)
+    target_modules: list[str] = like(LoraSettings, "target_modules")
+
+    def __post_init__(self):
+        cimeo.check_method_settings(self)
+
+
+METHOD = cimeo.make_method(__doc__, CimeoSettings)
 
 if __name__ == "__main__":
     main(METHOD)

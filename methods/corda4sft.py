@@ -23,10 +23,22 @@ adapters are plain LoRA adapters relative to the decomposed model: merge them on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.core.errors import fail
+from stages.core.settings import LoraSettings, like
 from stages.core.sft import Method, main
+
+
+@dataclass(kw_only=True)
+class CordaSettings(LoraSettings):
+    """CorDA: the LoRA its decompose stage built; r, lora_alpha, target_modules must agree with it (none: its own)."""
+
+    r: int | None = like(LoraSettings, "r", None)
+    lora_alpha: int | None = like(LoraSettings, "lora_alpha", None)
+    lora_dropout: float | None = like(LoraSettings, "lora_dropout", None)
+    target_modules: list[str] | None = like(LoraSettings, "target_modules", None)
 
 
 def build(model, cfg, ctx):
@@ -54,7 +66,7 @@ def build(model, cfg, ctx):
     return PeftModel.from_pretrained(model, str(init), config=config, is_trainable=True)
 
 
-METHOD = Method("corda", build, doc=__doc__, default_method="corda_kpa")
+METHOD = Method("corda", build, doc=__doc__, default_method="corda_kpa", settings=CordaSettings)
 
 if __name__ == "__main__":
     main(METHOD)

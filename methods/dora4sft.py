@@ -8,6 +8,7 @@ with m (1 x out) initialised to the column norms ||W0||_c, B = 0, A Kaiming; m, 
 
 from peft import LoraConfig, get_peft_model
 
+from stages.core.settings import LoraSettings
 from stages.core.sft import Method, main
 
 
@@ -17,7 +18,7 @@ def build(model, cfg, ctx):
     return get_peft_model(model, config)
 
 
-METHOD = Method("dora", build, doc=__doc__)
+METHOD = Method("dora", build, doc=__doc__, settings=LoraSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -19,18 +19,53 @@ in --results_dir.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 
-from methods.encoder import train_and_score
+from methods import encoder, loretta
+from methods.loretta import LorettaLayerSettings
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json
+from stages.core.settings import LoraSettings, like, setting
 from stages.core.sft import Method, build_config, peak_memory_mb, write_live
+
+LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules")
+
+
+@dataclass(kw_only=True)
+class EncoderSettings:
+    """The encoder's method: what trains besides the new classification head (a kind's settings: that kind only)."""
+
+    kind: str = setting(help="full: every weight; lora: a peft LoRA; loretta: LoRETTA's tensor-train layers",
+                        choices=encoder.KINDS)
+    tuning_type: str | None = like(LorettaLayerSettings, "tuning_type", None)
+    tt_rank: int | None = like(LorettaLayerSettings, "tt_rank", None)
+    tt_shapes: list[str] | None = like(LorettaLayerSettings, "tt_shapes", None)
+    r: int | None = like(LoraSettings, "r", None)
+    lora_alpha: int | None = like(LoraSettings, "lora_alpha", None)
+    lora_dropout: float | None = like(LoraSettings, "lora_dropout", None)
+    target_modules: list[str] | None = like(LoraSettings, "target_modules", None)
+    bottleneck: int | None = like(LorettaLayerSettings, "bottleneck", None)
+    non_linearity: str | None = like(LorettaLayerSettings, "non_linearity", None)
+    adapter_scaling: float | None = like(LorettaLayerSettings, "adapter_scaling", None)
+    adapter_modules: list[str] | None = like(LorettaLayerSettings, "adapter_modules", None)
+
+    def __post_init__(self):
+        needed = {"full": (), "lora": LORA_KEYS, "loretta": loretta.CONFIG_KEYS}[self.kind]
+        missing = [key for key in needed if getattr(self, key) is None]
+        if missing:
+            fail(f"--kind {self.kind} needs {', '.join(missing)}: set them in the row's params section")
+        if self.kind == "lora":
+            LoraSettings(**{key: getattr(self, key) for key in LORA_KEYS})
+        elif self.kind == "loretta":
+            LorettaLayerSettings(**{key: getattr(self, key) for key in loretta.CONFIG_KEYS})
 
 
 def not_a_decoder_method(model, cfg, ctx):  # encoder4cls.py runs its own loop, not the SFT trainer's
     fail("encoder4cls.py trains an encoder with its own loop: run it as a script")
 
 
-METHOD = Method("encoder", not_a_decoder_method, doc=__doc__, default_method="enc_lora", script="encoder4cls.py")
+METHOD = Method("encoder", not_a_decoder_method, doc=__doc__, default_method="enc_lora", script="encoder4cls.py",
+                settings=EncoderSettings)
 
 
 @cli_entry
@@ -40,7 +75,7 @@ def main(argv=None) -> None:
         fail(f"sequence '{cfg.sequence}' has {len(cfg.tasks)} tasks: the encoder table classifies one task")
     task = cfg.tasks[0]
     with tempfile.TemporaryDirectory(prefix="adaptlab-encoder-") as work:
-        row = train_and_score(cfg.base_model, task, vars(cfg), steps=cfg.steps_per_task, batch_size=cfg.batch_size,
+        row = encoder.train_and_score(cfg.base_model, task, vars(cfg), steps=cfg.steps_per_task, batch_size=cfg.batch_size,
                               max_length=cfg.max_length, seed=cfg.seed, tasks_dir=cfg.tasks_dir, work_dir=work)
     score = row["accuracy"]
     summary = {"method": cfg.method, "sequence": cfg.sequence, "seed": cfg.seed, "tasks": [task],

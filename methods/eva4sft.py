@@ -9,9 +9,27 @@ peft: LoraConfig(init_lora_weights="eva", eva_config=EvaConfig(rho, tau)) +
 initialize_lora_eva_weights(model, dataloader).
 """
 
+from dataclasses import dataclass
+
 from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
+from stages.core.settings import LoraSettings, check_positive, library_check, setting
 from stages.core.sft import Method, main
+
+
+@dataclass(kw_only=True)
+class EvaSettings(LoraSettings):
+    """EVA: LoRA's A started on the top singular vectors of each layer's inputs."""
+
+    rho: float = setting(help="rank budget: a layer may get up to rho·r ranks by explained variance (>= 1)")
+    tau: float = setting(help="stop the incremental SVD once successive estimates agree to this cosine similarity, in [0, 1]")
+    calib_samples: int = setting(help="calibration rows, the first of the sequence's first task")
+    calib_batch_size: int = setting(help="calibration rows per batch")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, "calib_samples", "calib_batch_size")
+        library_check(EvaConfig, "EVA settings: ", rho=self.rho, tau=self.tau)
 
 
 def build(model, cfg, ctx):
@@ -24,7 +42,7 @@ def build(model, cfg, ctx):
     return model
 
 
-METHOD = Method("eva", build, doc=__doc__)
+METHOD = Method("eva", build, doc=__doc__, settings=EvaSettings)
 
 if __name__ == "__main__":
     main(METHOD)

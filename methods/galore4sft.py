@@ -13,11 +13,28 @@ Optimizer: galore_torch.GaLoreAdamW (galore-torch 1.0, galore_torch/adamw.py), p
 methods/projection.py ``projection_groups``. The full model is saved after every task.
 """
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 from methods.projection import galore_adamw, projection_groups
-from stages.core.config import check_choice
+from stages.core.settings import LoraSettings, check_not_empty, check_positive, like, setting
 from stages.core.sft import Method, build_tuned, main
+
+
+@dataclass(kw_only=True)
+class GaloreSettings:
+    """GaLore: Adam in a rank-r subspace of each target matrix's gradient."""
+
+    rank: int = setting(help="rank r of the gradient subspace of each target matrix")
+    update_proj_gap: int = setting(help="steps between new subspaces (an SVD of each target matrix's gradient)")
+    scale: float = setting(help="the projected matrices' step is lr·scale (embeddings and norms: lr)")
+    proj_type: str = setting(help="which side of G is projected: std: the smaller, reverse_std: the larger, or left, right, "
+                                  "full (both)", choices=("std", "reverse_std", "left", "right", "full"))
+    target_modules: list[str] = like(LoraSettings, "target_modules")
+
+    def __post_init__(self):
+        check_positive(self, "rank", "update_proj_gap", "scale")
+        check_not_empty(self, "target_modules")
 
 
 def build(model, cfg, ctx):
@@ -25,13 +42,12 @@ def build(model, cfg, ctx):
 
 
 def optimizer(model, cfg, ctx):
-    check_choice(cfg, "proj_type", ["std", "reverse_std", "left", "right", "full"])
     groups = projection_groups(model, cfg.target_modules, cfg.weight_decay, rank=cfg.rank,
                                update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, proj_type=cfg.proj_type)
     return galore_adamw()(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, no_deprecation_warning=True)
 
 
-METHOD = Method("galore", build, optimizer=optimizer, doc=__doc__)
+METHOD = Method("galore", build, optimizer=optimizer, doc=__doc__, settings=GaloreSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -20,17 +20,33 @@ After each task the model is saved with every LoRA folded into W: a plain transf
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from methods.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy
 from stages.core.errors import fail
+from stages.core.settings import LoraSettings, setting
 from stages.core.sft import Method, main
 
 
+@dataclass(kw_only=True)
+class GorpSettings(LoraSettings):
+    """GORP: per task a new LoRA (r, lora_alpha, lora_dropout) and GaLore-projected full weights."""
+
+    rank: int = setting(help="rank of the subspace of W's gradient (seen from its inputs) that W's step takes")
+    update_proj_gap: int = setting(help="steps between new subspaces of W's gradient")
+    scale: float = setting(help="W's step is lr·scale")
+    lora_lr: float = setting(help="learning rate of each task's new LoRA (W's is lr)")
+    energy: float = setting(help="a finished task's input directions keep this fraction of the energy of W's first "
+                                 "moment, in (0, 1]; later tasks stay out of them")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_settings(self.rank, self.r, self.lora_alpha, self.energy, self.update_proj_gap, self.scale, self.lora_lr)
+
+
 def build(model, cfg, ctx):
-    check_settings(cfg.rank, cfg.r, cfg.lora_alpha, cfg.energy, cfg.update_proj_gap, cfg.scale, cfg.lora_lr)
-    if not 0 <= cfg.lora_dropout < 1:
-        fail(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     return attach(model, cfg.target_modules, len(ctx.tasks), cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.rank)
 
 
@@ -47,7 +63,8 @@ def optimizer(model, cfg, ctx):
                      weight_decay=cfg.weight_decay)
 
 
-METHOD = Method("gorp", build, optimizer=optimizer, doc=__doc__, export=export_folded, merged=plain_copy)
+METHOD = Method("gorp", build, optimizer=optimizer, doc=__doc__, export=export_folded, merged=plain_copy,
+                settings=GorpSettings)
 
 if __name__ == "__main__":
     main(METHOD)

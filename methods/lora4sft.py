@@ -7,6 +7,7 @@ model; only A and B are trained (AdamW). Built with peft's LoraConfig, init_lora
 
 from peft import LoraConfig, get_peft_model
 
+from stages.core.settings import LoraSettings
 from stages.core.sft import Method, main
 
 
@@ -16,7 +17,7 @@ def build(model, cfg, ctx):
     return get_peft_model(model, config)
 
 
-METHOD = Method("lora", build, doc=__doc__)
+METHOD = Method("lora", build, doc=__doc__, settings=LoraSettings)
 
 if __name__ == "__main__":
     main(METHOD)

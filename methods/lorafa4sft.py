@@ -11,6 +11,7 @@ alpha equal to the LoraConfig's.
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_lorafa_optimizer
 
+from stages.core.settings import LoraSettings
 from stages.core.sft import Method, main
 
 
@@ -24,7 +25,7 @@ def optimizer(model, cfg, ctx):
     return create_lorafa_optimizer(model, r=cfg.r, lora_alpha=cfg.lora_alpha, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-METHOD = Method("lorafa", build, optimizer=optimizer, doc=__doc__)
+METHOD = Method("lorafa", build, optimizer=optimizer, doc=__doc__, settings=LoraSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -13,9 +13,31 @@ W0 + (alpha / r0)·f(BA) into each layer exactly. Adapters are saved with
 stages/core/adapters.save_adapter (kind "loran") and merged by stages/merge.py.
 """
 
+from dataclasses import dataclass
+
 from methods import loran
 from stages.core import adapters
+from stages.core.settings import LoraSettings, like, setting
 from stages.core.sft import Method, main
+
+
+@dataclass(kw_only=True)
+class LoranSettings:
+    """LoRAN: LoRA whose update B·A passes through f(u) = u + A_amp·u·sin(omega·u)."""
+
+    r: list[int] = setting(help="the rank r0, then the layer's in_features (0: each layer's own); with use_P more "
+                                "entries, the widths of the chain")
+    alpha: float = setting(help="scale numerator: the update is (alpha / r0)·f(B·A)")
+    dropout: float = setting(help="dropout on the adapter's input, in [0, 1)")
+    A_amp: float = setting(help="amplitude A_amp of f(u) = u + A_amp·u·sin(omega·u)")
+    omega: float = setting(help="frequency omega of f")
+    use_P: bool = setting(help="a chain M <- f(M)·P_i through the widths of r instead of one f(B·A)")
+    use_b: bool = setting(help="add a bias row b_i after each step of the chain")
+    layers_to_transform: list[int] = setting(help="indices of the blocks that get the adapter; empty: every block")
+    target_modules: list[str] = like(LoraSettings, "target_modules")
+
+    def __post_init__(self):
+        loran.check_config({key: getattr(self, key) for key in loran.CONFIG_KEYS})
 
 
 def build(model, cfg, ctx):
@@ -26,7 +48,7 @@ def export(model, path) -> None:
     adapters.save_adapter(model, path, loran.KIND, model.adaptlab_adapter["config"], loran.adapter_names(model))
 
 
-METHOD = Method("loran", build, doc=__doc__, export=export, merged=loran.merge)
+METHOD = Method("loran", build, doc=__doc__, export=export, merged=loran.merge, settings=LoranSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -27,6 +27,7 @@ the paper (and METHODS.md) puts it after attention: here, on o_proj's output.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -36,6 +37,7 @@ from torch.nn import functional as F
 from methods.adapter_layers import find_linears, fold_wrappers, plain_copy, train_only, wrap_linears, wrapper_parameter_names
 from methods.tensor_train import TTMatrix, factors_for, parse_shapes
 from stages.core.errors import fail
+from stages.core.settings import LoraSettings, like, setting
 
 KIND = "loretta"
 TUNING_TYPES = ("loretta_rep", "loretta_adp")
@@ -120,15 +122,32 @@ class TTAdapterLinear(nn.Module):
 
 # ----------------------------------------------------------------------------- configuration
 
+@dataclass(kw_only=True)
+class LorettaLayerSettings:
+    """LoRETTA's layers: LoRA with tensor-train A, B (loretta_rep) or tensor-train bottleneck adapters (loretta_adp)."""
+
+    tuning_type: str = setting(help="loretta_rep: LoRA with tensor-train A, B on target_modules; loretta_adp: tensor-train "
+                                    "bottleneck adapters on adapter_modules, norms trainable", choices=TUNING_TYPES)
+    tt_rank: int = setting(help="inner TT-rank of every tensor train; 0: dense matrices (plain LoRA or Houlsby adapters)")
+    tt_shapes: list[str] = setting(help="how a dimension is factorised, DIM:AxBxC (576:8x8x9); any other one "
+                                        "automatically, into modes <= 16")
+    r: int = like(LoraSettings, "r")
+    lora_alpha: int = like(LoraSettings, "lora_alpha")
+    lora_dropout: float = like(LoraSettings, "lora_dropout")
+    target_modules: list[str] = like(LoraSettings, "target_modules")
+    bottleneck: int = setting(help="width of the adapters' bottleneck (loretta_adp)")
+    non_linearity: str = setting(help="σ between the adapter's down and up projections (loretta_adp)",
+                                 choices=tuple(NON_LINEARITIES))
+    adapter_scaling: float = setting(help="s in h <- h + s·Up(σ(Down(h))) (loretta_adp)")
+    adapter_modules: list[str] = setting(help="linear layers whose output gets an adapter (loretta_adp)")
+
+    def __post_init__(self):
+        check_config({key: getattr(self, key) for key in CONFIG_KEYS})
+
+
 def config_from(cfg: SimpleNamespace) -> dict:
     """The JSON-able adapter config from a method script's settings, checked."""
     return check_config({key: getattr(cfg, key) for key in CONFIG_KEYS})
-
-
-def check_trainer(trainer: str) -> str:
-    if trainer not in TRAINERS:
-        fail(f"--trainer '{trainer}' is not valid: expected one of {', '.join(TRAINERS)}")
-    return trainer
 
 
 def check_config(config: dict) -> dict:

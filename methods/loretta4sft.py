@@ -18,14 +18,28 @@ Layers: methods/loretta.py, methods/tensor_train.py; saved with
 stages/core/adapters.save_adapter (kind "loretta") and merged by stages/merge.py.
 """
 
+from dataclasses import dataclass
+
 from methods import loretta
-from methods.zeroth_order import MeZO, ZOAdam, zeroth_order_step
+from methods.zeroth_order import MeZO, ZerothOrderSettings, ZOAdam, zeroth_order_step
 from stages.core import adapters
+from stages.core.settings import setting
 from stages.core.sft import Method, StepInputs, adamw, first_order_step, main, weight_decay_groups
 
 
+@dataclass(kw_only=True)
+class LorettaSettings(ZerothOrderSettings, loretta.LorettaLayerSettings):
+    """LoRETTA: tensor-train adapters, trained by Adam or zeroth-order."""
+
+    trainer: str = setting(help="adam: AdamW by backpropagation; zo: MeZO's ZO-SGD; zo_adam: Adam fed with the zeroth-order "
+                                "estimate (zo_eps applies to the zo trainers)", choices=loretta.TRAINERS)
+
+    def __post_init__(self):
+        loretta.LorettaLayerSettings.__post_init__(self)
+        ZerothOrderSettings.__post_init__(self)
+
+
 def build(model, cfg, ctx):
-    loretta.check_trainer(cfg.trainer)
     return loretta.attach(model, loretta.config_from(cfg))
 
 
@@ -49,7 +63,7 @@ def export(model, path) -> None:
 
 
 METHOD = Method("loretta", build, optimizer=optimizer, train_step=train_step, doc=__doc__, export=export,
-                merged=loretta.merge)
+                merged=loretta.merge, settings=LorettaSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -12,8 +12,20 @@ first-order training: see params.yaml methods.mezo.
 Optimizer: methods/zeroth_order.py MeZO; train step: zeroth_order_step.
 """
 
-from methods.zeroth_order import MeZO, zeroth_order_step
+from dataclasses import dataclass
+
+from methods.zeroth_order import MeZO, ZerothOrderSettings, zeroth_order_step
+from stages.core.settings import TunedSettings
 from stages.core.sft import Method, build_tuned, main, weight_decay_groups
+
+
+@dataclass(kw_only=True)
+class MezoSettings(ZerothOrderSettings, TunedSettings):
+    """MeZO: ZO-SGD on every weight or on a LoRA."""
+
+    def __post_init__(self):
+        TunedSettings.__post_init__(self)
+        ZerothOrderSettings.__post_init__(self)
 
 
 def build(model, cfg, ctx):
@@ -24,7 +36,7 @@ def optimizer(model, cfg, ctx):
     return MeZO(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay)
 
 
-METHOD = Method("mezo", build, optimizer=optimizer, train_step=zeroth_order_step, doc=__doc__)
+METHOD = Method("mezo", build, optimizer=optimizer, train_step=zeroth_order_step, doc=__doc__, settings=MezoSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -15,17 +15,28 @@ W kept frozen here), so the two methods differ only in their update rule.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from methods.gorp import activate, attach, export_folded, gorp_layers, plain_copy
-from stages.core.errors import fail
+from stages.core.settings import LoraSettings, check_non_negative, setting
 from stages.core.sft import Method, StepInputs, first_order_step, main
 
 
+@dataclass(kw_only=True)
+class OLoraSettings(LoraSettings):
+    """O-LoRA: a new LoRA per task, kept orthogonal to the earlier tasks' ones."""
+
+    lambda_1: float = setting(help="weight of the orthogonality loss Σ|A_i·A_tᵀ|; 0: plain sequential LoRA")
+    lambda_2: float = setting(help="weight of the L2 penalty on the new LoRA")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_non_negative(self, "lambda_1", "lambda_2")
+
+
 def build(model, cfg, ctx):
-    for name in ("lambda_1", "lambda_2"):
-        if getattr(cfg, name) < 0:
-            fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     # rank 1: the layers' GORP basis (unused here) takes one column per earlier task
     model = attach(model, cfg.target_modules, len(ctx.tasks), cfg.r, cfg.lora_alpha, cfg.lora_dropout, rank=1)
     for layer in gorp_layers(model):  # W0 and the basis never train: not checkpointed either
@@ -66,7 +77,7 @@ def train_step(step: StepInputs) -> float:
 
 
 METHOD = Method("o_lora", build, optimizer=optimizer, train_step=train_step, doc=__doc__, export=export_folded,
-                merged=plain_copy)
+                merged=plain_copy, settings=OLoraSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -8,6 +8,7 @@ plain LoRA adapters (rank 2r) relative to the original W0.
 
 from peft import LoraConfig, get_peft_model
 
+from stages.core.settings import LoraSettings
 from stages.core.sft import Method, main
 
 
@@ -17,7 +18,7 @@ def build(model, cfg, ctx):
     return get_peft_model(model, config)
 
 
-METHOD = Method("olora", build, doc=__doc__)
+METHOD = Method("olora", build, doc=__doc__, settings=LoraSettings)
 
 if __name__ == "__main__":
     main(METHOD)

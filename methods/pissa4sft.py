@@ -7,9 +7,23 @@ randomised SVD with K subspace iterations. Saved adapters are converted by peft 
 adapters (rank 2r) relative to the original W0, so any LoRA tooling can merge them.
 """
 
+from dataclasses import dataclass
+
 from peft import LoraConfig, get_peft_model
 
+from stages.core.settings import LoraSettings, check_non_negative, setting
 from stages.core.sft import Method, main
+
+
+@dataclass(kw_only=True)
+class PissaSettings(LoraSettings):
+    """PiSSA: LoRA started on the principal singular vectors."""
+
+    svd_niter: int = setting(help="subspace iterations of the fast randomised SVD (peft's pissa_niter_K); 0: exact SVD")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_non_negative(self, "svd_niter")
 
 
 def build(model, cfg, ctx):
@@ -19,7 +33,7 @@ def build(model, cfg, ctx):
     return get_peft_model(model, config)
 
 
-METHOD = Method("pissa", build, doc=__doc__)
+METHOD = Method("pissa", build, doc=__doc__, settings=PissaSettings)
 
 if __name__ == "__main__":
     main(METHOD)

@@ -8,9 +8,27 @@ with trainable scales α and angles θ starting at α = 1, θ = 0 (identity). ro
 two of each. out_features must be divisible by group_size. lr ~1e-3. peft: RoadConfig.
 """
 
+from dataclasses import dataclass
+
 from peft import RoadConfig, get_peft_model
 
+from stages.core.settings import LoraSettings, check_not_empty, library_check, like, setting
 from stages.core.sft import Method, main
+
+
+@dataclass(kw_only=True)
+class RoadSettings:
+    """RoAd: trainable 2D rotations (scale α, angle θ) of the frozen layer's outputs."""
+
+    variant: str = setting(help="road_1: one (α, θ) per pair of outputs; road_2: one per output; road_4: two per output",
+                           choices=("road_1", "road_2", "road_4"))
+    group_size: int = setting(help="outputs per rotation group, paired i with i + group_size/2; even, divides out_features")
+    target_modules: list[str] = like(LoraSettings, "target_modules")
+
+    def __post_init__(self):
+        check_not_empty(self, "target_modules")
+        library_check(RoadConfig, "RoAd settings: ", variant=self.variant, group_size=self.group_size,
+                      target_modules=self.target_modules)
 
 
 def build(model, cfg, ctx):
@@ -19,7 +37,7 @@ def build(model, cfg, ctx):
     return get_peft_model(model, config)
 
 
-METHOD = Method("road", build, doc=__doc__)
+METHOD = Method("road", build, doc=__doc__, settings=RoadSettings)
 
 if __name__ == "__main__":
     main(METHOD)

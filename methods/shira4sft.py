@@ -6,9 +6,24 @@ update is high-rank yet touches ~1-2% of the weights, so switching adapters is a
 peft: ShiraConfig(r, mask_type="random", random_seed).
 """
 
+from dataclasses import dataclass
+
 from peft import ShiraConfig, get_peft_model
 
+from stages.core.settings import LoraSettings, check_not_empty, check_positive, like, setting
 from stages.core.sft import Method, main
+
+
+@dataclass(kw_only=True)
+class ShiraSettings:
+    """SHiRA: a fixed random sparse set of trainable entries in each target weight."""
+
+    r: int = setting(help="sparsity as LoRA's rank: each weight trains r·(in + out) entries")
+    target_modules: list[str] = like(LoraSettings, "target_modules")
+
+    def __post_init__(self):
+        check_positive(self, "r")
+        check_not_empty(self, "target_modules")
 
 
 def build(model, cfg, ctx):
@@ -17,7 +32,7 @@ def build(model, cfg, ctx):
     return get_peft_model(model, config)
 
 
-METHOD = Method("shira", build, doc=__doc__)
+METHOD = Method("shira", build, doc=__doc__, settings=ShiraSettings)
 
 if __name__ == "__main__":
     main(METHOD)

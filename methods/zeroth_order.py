@@ -44,12 +44,23 @@ from stages.core.batches import causal_lm_loss
 from stages.core.errors import fail
 from stages.core.seeds import mix as _mix
 from stages.core.seeds import step_seed
+from stages.core.settings import check_positive, setting
 
 if TYPE_CHECKING:
     from stages.core.sft import StepInputs
 
 V_EPS = 1e-8  # ZO-AdaMU's stability constant in √(v + 1e-8)
 NOISE_CHUNK = 1 << 21  # elements per noise chunk: 8 MB of fp32 scratch per draw and thread
+
+
+@dataclass(kw_only=True)
+class ZerothOrderSettings:
+    """Zeroth-order training: two forward passes at θ ± ε·z estimate the gradient along z."""
+
+    zo_eps: float = setting(help="perturbation scale ε (MeZO: 1e-3 for full weights, 1e-2 for a LoRA)")
+
+    def __post_init__(self):
+        check_positive(self, "zo_eps")
 
 
 def _distributed() -> bool:

@@ -17,9 +17,31 @@ there) or --tuning full.
 Optimizer: methods/zeroth_order.py ZOAdaMU; train step: zeroth_order_step.
 """
 
-from methods.zeroth_order import ZOAdaMU, zeroth_order_step
+from dataclasses import dataclass
+
+from methods.zeroth_order import ZerothOrderSettings, ZOAdaMU, zeroth_order_step
 from stages.core.errors import fail
+from stages.core.settings import TunedSettings, setting
 from stages.core.sft import Method, build_tuned, main, weight_decay_groups
+
+
+@dataclass(kw_only=True)
+class ZoAdamuSettings(ZerothOrderSettings, TunedSettings):
+    """ZO-AdaMU: MeZO with a momentum perturbation and simulated-annealed α, β1, β2."""
+
+    anneal_start: float = setting(help="T1 as a fraction of steps_per_task: α, β1, β2 stay 1 before it")
+    anneal_end: float = setting(help="T2 as a fraction of steps_per_task: the half cosine to the *_end values ends there")
+    alpha_end: float = setting(help="α after T2, in [0, 1]: the variance of the fresh noise ż (z̈'s is 1 − α)")
+    beta1_end: float = setting(help="β1 after T2, in (0, 1]: ż's weight in the perturbation m_t (z̈'s is 1 − β1)")
+    beta2_end: float = setting(help="β2 after T2, in [0, 1]: ż²'s weight in v_t (z̈²'s is 1 − β2)")
+
+    def __post_init__(self):
+        TunedSettings.__post_init__(self)
+        ZerothOrderSettings.__post_init__(self)
+        if not 0 <= self.anneal_start <= self.anneal_end <= 1:
+            fail(f"need 0 <= --anneal_start <= --anneal_end <= 1, got {self.anneal_start}, {self.anneal_end}")
+        if not (0 <= self.alpha_end <= 1 and 0 < self.beta1_end <= 1 and 0 <= self.beta2_end <= 1):
+            fail("--alpha_end and --beta2_end must be in [0, 1], --beta1_end in (0, 1] (β1 = 0 makes m a random walk)")
 
 
 def build(model, cfg, ctx):
@@ -27,16 +49,12 @@ def build(model, cfg, ctx):
 
 
 def optimizer(model, cfg, ctx):
-    if not 0 <= cfg.anneal_start <= cfg.anneal_end <= 1:
-        fail(f"need 0 <= --anneal_start <= --anneal_end <= 1, got {cfg.anneal_start}, {cfg.anneal_end}")
-    if not (0 <= cfg.alpha_end <= 1 and 0 < cfg.beta1_end <= 1 and 0 <= cfg.beta2_end <= 1):
-        fail("--alpha_end and --beta2_end must be in [0, 1], --beta1_end in (0, 1] (β1 = 0 makes m a random walk)")
     steps = (round(cfg.anneal_start * cfg.steps_per_task), round(cfg.anneal_end * cfg.steps_per_task))
     return ZOAdaMU(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay,
                    anneal_steps=steps, alpha_end=cfg.alpha_end, beta1_end=cfg.beta1_end, beta2_end=cfg.beta2_end)
 
 
-METHOD = Method("zoadamu", build, optimizer=optimizer, train_step=zeroth_order_step, doc=__doc__)
+METHOD = Method("zoadamu", build, optimizer=optimizer, train_step=zeroth_order_step, doc=__doc__, settings=ZoAdamuSettings)
 
 if __name__ == "__main__":
     main(METHOD)

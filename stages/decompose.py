@@ -14,11 +14,12 @@ the model the row's runs start from, which is ``<out>/model`` when the script sa
 """
 
 import argparse
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
-from stages.core.config import OneLineParser, load_params, section
+from stages.core.config import OneLineParser, check_keys, load_params, params_path, section
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json
 
@@ -38,6 +39,17 @@ def script_args(args: dict) -> list[str]:
     return flags
 
 
+def check_row(params: dict, params_file: str | None, row: str, sequence: str | None) -> None:
+    """The row's settings as its train stage reads them (keys, types, ranges): a bad value stops
+    the pipeline here, before the decomposition's minutes of work."""
+    from stages.core.sft import build_config, script_of
+
+    script = script_of(row, section(params, "methods", row))
+    method = importlib.import_module(f"methods.{script.removesuffix('.py')}").METHOD
+    sequence = sequence or next(iter(section(params, "sequences")))
+    build_config(method, ["--params", str(params_path(params_file)), "--method", row, "--sequence", sequence])
+
+
 @cli_entry
 def main(argv=None) -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +63,9 @@ def main(argv=None) -> None:
     base = section(params, "base_model", "path")
     if not isinstance(spec, dict):
         fail(f"methods.{args.method} has no decompose: section: its runs start from the base model ({base})")
+    check_keys(spec, ("script", "per_sequence", "args"), f"methods.{args.method}.decompose")
+    if not isinstance(spec.get("args", {}), dict):
+        fail(f"methods.{args.method}.decompose.args must be a mapping of the script's flags, got {spec['args']!r}")
     script = METHODS_DIR / str(spec.get("script", ""))
     if not script.is_file():
         fail(f"methods.{args.method}.decompose.script '{spec.get('script')}' is not a script in methods/")
@@ -60,6 +75,7 @@ def main(argv=None) -> None:
             fail(f"methods.{args.method}.decompose is per_sequence: give --sequence")
         section(params, "sequences", args.sequence)
         extra = ["--sequence", args.sequence]
+    check_row(params, args.params, args.method, args.sequence)
     with atomic_dir(args.out) as tmp:
         command = [sys.executable, str(script), "--model_id", base, *script_args(spec.get("args", {})), *extra,
                    "--save_model", "--save_path", str(tmp / "model")]

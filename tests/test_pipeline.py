@@ -184,9 +184,9 @@ def test_tables_hold_the_method_row_and_valid_plots(reference_run, pipeline_resu
 
 def test_help_lists_every_param_with_its_default(project, script_env):
     proc = check(run_script("methods/lora4sft.py", "--params", "params.yaml", "--help", cwd=project, env=script_env))
-    # "  --lr LR   (default: 0.01)"; argparse may wrap the default onto the next lines.
-    entries = {key: " ".join(value.split())
-               for key, value in re.findall(r"^  --(\w+)\b[^\n(]*?\s*\(default: ([^)]*)\)", proc.stdout, re.M)}
+    # "  --lr FLOAT   peak learning rate (default: 0.01)"; argparse wraps the text over lines.
+    entries = {key: " ".join(text.split()).rsplit("(default: ", 1)[1].removesuffix(")")
+               for key, text in re.findall(r"^  --(\w+)(.*?)(?=^  --|^\S|\Z)", proc.stdout, re.M | re.S)}
     expected = {**TRAIN, **LORA}
     for key, value in expected.items():
         assert key in entries, f"--{key} missing from --help:\n{proc.stdout}"

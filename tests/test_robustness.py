@@ -284,7 +284,46 @@ def test_fuzzed_command_line_values_are_parsed_or_one_clean_error(project, monke
         except AdaptlabError as err:
             assert "\n" not in str(err) and any(f in str(err) for f in chosen), (argv, err)
             continue
-        for name in ("lr", "batch_size", "grad_accum", "steps_per_task", "max_length", "checkpoint_every", "log_every"):
-            assert getattr(cfg, name) > 0, (argv, name)
-        assert all(v == v and abs(v) != float("inf") for v in vars(cfg).values() if isinstance(v, float)), argv
-        assert 0 <= cfg.warmup_ratio < 1 and cfg.weight_decay >= 0 and cfg.max_grad_norm >= 0, argv
+        assert_checked(cfg, argv)
+
+
+def assert_checked(cfg, case) -> None:
+    """What a config that build_config accepted always holds."""
+    for name in ("lr", "batch_size", "grad_accum", "steps_per_task", "max_length", "checkpoint_every", "log_every", "r"):
+        assert getattr(cfg, name) > 0, (case, name)
+    assert all(v == v and abs(v) != float("inf") for v in vars(cfg).values() if isinstance(v, float)), case
+    assert 0 <= cfg.warmup_ratio < 1 and cfg.weight_decay >= 0 and cfg.max_grad_norm >= 0, case
+    assert 0 <= cfg.lora_dropout < 1 and cfg.target_modules and all(isinstance(t, str) for t in cfg.target_modules), case
+    assert cfg.mixed_precision in ("bf16", "fp16", "no") and isinstance(cfg.chat_template, bool), case
+
+
+PARAM_VALUES = FLAG_VALUES + [None, True, False, 0, -2, 3, 0.5, 1e-05, float("nan"), [], ["x"], [1, 2], {"a": 1}, "no", "1e-05"]
+
+
+def test_fuzzed_params_values_are_read_or_one_clean_error(tmp_path, monkeypatch):
+    """Random values (strings, numbers, booleans, lists, mappings, null) for random keys of train:
+    and methods.lora in params.yaml, 300 times: build_config reads them by their declared types or
+    raises one line naming the key where the value was (the same conversion as for flags)."""
+    import yaml
+
+    from stages.core.sft import build_config
+
+    monkeypatch.chdir(tmp_path)
+    lora = load_method("lora")
+    rng = random.Random(2)
+    keys = [("train", k) for k in TRAIN] + [("methods.lora", k) for k in LORA]
+    for _ in range(300):
+        chosen = rng.sample(keys, rng.randint(1, 3))
+        params = tiny_params(methods={"lora": dict(LORA)})
+        for where, key in chosen:
+            (params["train"] if where == "train" else params["methods"]["lora"])[key] = rng.choice(PARAM_VALUES)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        case = [(f"{where}.{key}", params["train"].get(key) if where == "train" else params["methods"]["lora"][key])
+                for where, key in chosen]
+        try:
+            cfg = build_config(lora, [])
+        except AdaptlabError as err:
+            assert "\n" not in str(err) and any(f"{where}.{key} " in str(err) or f"--{key} " in str(err)
+                                                for where, key in chosen), (case, err)
+            continue
+        assert_checked(cfg, case)

@@ -1,20 +1,22 @@
-"""params.yaml as plain values, and a command line generated from it.
+"""params.yaml: loading it, finding a section, checking a section's keys.
 
-A method script's flags are the union of ``train:`` and ``methods.<name>:`` (the method's values
-win), plus the run-level values below; ``--help`` lists them with their params.yaml defaults.
+params.yaml is read as DVC reads and writes it (YAML 1.2, ruamel): ``dvc exp run -S`` rewrites the
+file, and what it wrote reads back the same (``no`` stays the string "no", ``1e-05`` is a number;
+YAML 1.1 readers such as PyYAML take them for false and a string). What the values mean and their
+types: stages/core/settings.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import difflib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from .errors import fail
 
@@ -33,12 +35,18 @@ def load_params(path: str | Path | None = None) -> dict:
     if not path.is_file():
         fail(f"params file '{path}' does not exist")
     try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        fail(f"params file '{path}' is not valid YAML: {str(err).splitlines()[0]}")
+        params = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except YAMLError as err:
+        fail(f"params file '{path}' is not valid YAML: {' '.join(str(err).split())}")
     if not isinstance(params, dict):
         fail(f"params file '{path}' must hold a mapping at the top level")
     return params
+
+
+def closest(name: object, known: Iterable[str]) -> str:
+    """": did you mean 'X'?" for the known name closest to a misspelt one, else ""."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f": did you mean '{close[0]}'?" if close else ""
 
 
 def section(params: dict, *keys: str) -> Any:
@@ -48,10 +56,20 @@ def section(params: dict, *keys: str) -> Any:
         if not isinstance(node, dict) or key not in node:
             known = ", ".join(node) if isinstance(node, dict) else "none"
             where = ".".join(trail) or "params.yaml"
-            fail(f"unknown {'.'.join(trail + [key])}: '{key}' is not in {where} (expected one of {known})")
+            hint = closest(key, node) if isinstance(node, dict) else ""
+            fail(f"unknown {'.'.join(trail + [key])}: '{key}' is not in {where}{hint} (expected one of {known})")
         node = node[key]
         trail.append(key)
     return node
+
+
+def check_keys(mapping: dict, allowed: Iterable[str], where: str) -> None:
+    """Every key of ``mapping`` (params.yaml ``where``) is one of ``allowed``; unknown ones (typos)
+    are one error naming each with the closest known key."""
+    allowed = list(allowed)
+    unknown = [f"{where}.{key} is not a known key{closest(key, allowed)}" for key in mapping if key not in allowed]
+    if unknown:
+        fail(f"{'; '.join(unknown)} ({where} takes {', '.join(sorted(allowed))})")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -60,66 +78,6 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
-
-
-def _typed(default: Any):
-    if isinstance(default, bool):
-        return None  # booleans get --flag / --no-flag
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return float
-    return str
-
-
-def add_flags(parser: argparse.ArgumentParser, defaults: dict, group: str | None = None) -> None:
-    """One flag per key, typed from its default (lists take several values)."""
-    target = parser.add_argument_group(group) if group else parser
-    for key, default in defaults.items():
-        flag = f"--{key}"
-        if isinstance(default, bool):
-            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"(default: {default})")
-        elif isinstance(default, list):
-            element = _typed(default[0]) if default else str
-            target.add_argument(flag, nargs="+", type=element, default=default, metavar=key.upper(), help=f"(default: {' '.join(map(str, default))})")
-        elif isinstance(default, dict):
-            continue  # nested settings are edited in params.yaml, not on the command line
-        else:
-            target.add_argument(flag, type=_typed(default), default=default, metavar=key.upper(), help=f"(default: {default})")
-
-
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> SimpleNamespace:
-    return SimpleNamespace(**vars(parser.parse_args(argv)))
-
-
-def _check_numbers(cfg: SimpleNamespace, names: Sequence[str], allow_zero: bool) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not number or value < 0 or (value == 0 and not allow_zero):
-            fail(f"--{name} must be {'a number >= 0' if allow_zero else 'a positive number'}, got {value!r}")
-
-
-def check_positive(cfg: SimpleNamespace, *names: str) -> None:
-    _check_numbers(cfg, names, allow_zero=False)
-
-
-def check_non_negative(cfg: SimpleNamespace, *names: str) -> None:
-    _check_numbers(cfg, names, allow_zero=True)
-
-
-def check_finite(cfg: SimpleNamespace) -> None:
-    """No setting may be nan or ±inf (argparse's float() accepts both)."""
-    for name, value in vars(cfg).items():
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            fail(f"--{name} must be a finite number, got {value!r}")
-
-
-def check_choice(cfg: SimpleNamespace, name: str, choices: Sequence[str]) -> None:
-    value = getattr(cfg, name)
-    if value not in choices:
-        fail(f"--{name} '{value}' is not valid: expected one of {', '.join(choices)}")
 
 
 def sequence_tasks(params: dict, name: str) -> list[str]:

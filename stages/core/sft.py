@@ -25,7 +25,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from . import config as cfglib
+from . import settings
 from .batches import batch_order, causal_lm_loss, collate, encode_chat, encode_example, encode_rows
 from .continual import average_performance, backward_transfer
 from .errors import cli_entry, fail
@@ -137,6 +138,7 @@ class Method:
     script: str = ""  # its file in methods/ (default: <name>4sft.py)
     export: Callable[[torch.nn.Module, Path], None] | None = None
     merged: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    settings: type | None = None  # its typed settings, the fields of its params section (stages/core/settings.py)
 
 
 def build_tuned(model: torch.nn.Module, cfg) -> torch.nn.Module:
@@ -192,46 +194,44 @@ ROW_KEYS = ("script", "decompose", "base")
 
 
 def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNamespace:
+    """The run's settings: params.yaml (train < sequences.<s> < methods.<m>) under the command
+    line, every value converted by its declared type (stages/core/settings.py) and checked, and
+    every key of those sections a known one, before any work."""
     pre = cfglib.OneLineParser(add_help=False)
     pre.add_argument("--params", default=None)
     pre.add_argument("--sequence", default="default")
     pre.add_argument("--method", default=method.default_method or method.name)
     known, _ = pre.parse_known_args(argv)
     params = cfglib.load_params(known.params)
+    where = f"methods.{known.method}"
     # The params section this run reads: the script's own, or a variant naming this script
     # (methods.lora_qv: {script: lora4sft.py, ...}: LoRA with other targets, its own rows).
     method_params = cfglib.section(params, "methods", known.method) or {}
+    if not isinstance(method_params, dict):
+        fail(f"{where} must be a mapping of settings, got {method_params!r}")
     wanted, mine = script_of(known.method, method_params), method.script or f"{method.name}4sft.py"
     if wanted != mine:
-        fail(f"methods.{known.method} runs methods/{wanted}, not {mine}: run that script, or give --method a section of {mine}")
-    run_defaults = {
-        "params": str(cfglib.params_path(known.params)),
-        "method": known.method,
-        "sequence": known.sequence,
-        "base_model": cfglib.section(params, "base_model", "path"),
-        "tasks_dir": "data/tasks",
-        "seed": 0,
-        "eval_limit": 0,
-        "output_dir": "",
-        "results_dir": "",
-        "work_dir": "",
-    }
-    parser = cfglib.OneLineParser(prog=mine, description=method.doc,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    train = {"mixed_precision": "no", "chat_template": False, **params.get("train", {})}
+        fail(f"{where} runs methods/{wanted}, not {mine}: run that script, or give --method a section of {mine}")
+    own, train_keys = method.settings, settings.names(settings.TrainSettings)
     # A sequence's settings override the shared ones for every method on it (the cognition
     # sequence's one epoch per task); a method's section overrides both (PiSSA's lr, MeZO's steps).
-    on_sequence = cfglib.sequence_settings(params, known.sequence)
-    unknown = sorted(set(on_sequence) - set(train))
-    if unknown:
-        fail(f"sequences.{known.sequence} sets {', '.join(unknown)}: expected 'tasks' and keys of train: ({', '.join(train)})")
-    train |= on_sequence
-    cfglib.add_flags(parser, run_defaults, "run")
-    cfglib.add_flags(parser, {k: method_params.get(k, v) for k, v in train.items()},
-                     f"training (params.yaml: train, overridden by sequences.{known.sequence} and methods.{known.method})")
-    cfglib.add_flags(parser, {k: v for k, v in method_params.items() if k not in train and k not in ROW_KEYS},
-                     f"method (params.yaml: methods.{known.method})")
-    cfg = cfglib.parse(parser, argv)
+    train: dict = {}
+    for name, values in (("train", params.get("train") or {}),
+                         (f"sequences.{known.sequence}", cfglib.sequence_settings(params, known.sequence)),
+                         (where, method_params)):
+        cfglib.check_keys(values, train_keys + (settings.names(own) + list(ROW_KEYS) if name == where else []), name)
+        train |= settings.values_of(settings.TrainSettings, values, name)
+    run = {"params": str(cfglib.params_path(known.params)), "method": known.method, "sequence": known.sequence,
+           "base_model": cfglib.section(params, "base_model", "path")}
+    parser = cfglib.OneLineParser(prog=mine, description=method.doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    settings.add_flags(parser, settings.RunSettings, run, "run")
+    settings.add_flags(parser, settings.TrainSettings, train,
+                       f"training (params.yaml: train, overridden by sequences.{known.sequence} and {where})")
+    settings.add_flags(parser, own, settings.values_of(own, method_params, where), f"method (params.yaml: {where})")
+    args = vars(parser.parse_args(argv))
+    cfg = SimpleNamespace(**asdict(settings.instance(settings.RunSettings, args, "run")),
+                          **asdict(settings.instance(settings.TrainSettings, args, "train")),
+                          **(asdict(settings.instance(own, args, where)) if own else {}))
     # Every run has its own folders: a row on a sequence with a seed (the pipeline's run key).
     key = f"{cfg.method}-{cfg.sequence}-s{cfg.seed}"
     cfg.output_dir = cfg.output_dir or f"runs/{key}"
@@ -244,15 +244,7 @@ def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNam
     if init_file.is_file():
         cfg.init, cfg.base_model = cfg.base_model, read_json(init_file)["base_model"]
     cfg.tasks = cfglib.sequence_tasks(params, cfg.sequence)
-    cfglib.check_finite(cfg)
-    cfglib.check_positive(cfg, "lr", "batch_size", "grad_accum", "steps_per_task", "max_length", "checkpoint_every", "log_every",
-                          "eval_batch_size")
-    cfglib.check_non_negative(cfg, "weight_decay", "max_grad_norm", "eval_limit", "seed")
-    cfglib.check_choice(cfg, "scheduler", ["cosine", "linear", "constant", "constant_with_warmup"])
-    cfglib.check_choice(cfg, "mixed_precision", ["auto", "no", "bf16", "fp16"])
     cfg.mixed_precision = resolve_precision(cfg.mixed_precision)
-    if not 0 <= cfg.warmup_ratio < 1:
-        fail(f"--warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     return cfg
 
 

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.core.config import sequence_tasks
+from stages.core.config import check_keys, sequence_tasks
 from stages.core.errors import fail
 from stages.core.io import read_json
 
@@ -489,10 +489,7 @@ def build_task(name: str, spec: dict, seed: int, *, cache: Path | None = None,
     source = spec.get("source")
     if source not in SOURCE_KEYS:
         fail(f"task '{name}': unknown source {source!r}: expected one of {', '.join(SOURCE_KEYS)}")
-    allowed = COMMON_KEYS + SOURCE_KEYS[source]
-    for key in spec:
-        if key not in allowed:
-            fail(f"task '{name}': unknown key '{key}' for source '{source}': expected one of {', '.join(allowed)}")
+    check_keys(spec, COMMON_KEYS + SOURCE_KEYS[source], f"tasks.{name}")
     train_size, test_size = _positive_int(name, spec, "train_size"), _positive_int(name, spec, "test_size")
     kind = spec.get("kind")
     if kind is not None and kind not in KINDS:
