@@ -561,6 +561,19 @@ def optimizer(model: torch.nn.Module, cfg, ctx) -> SparseAdamW:
                                                                   if id(weights[n]) in masked}, lr=cfg.lr, eps=cfg.adam_eps)
 
 
+def trainable(model: torch.nn.Module, cfg, ctx) -> int:
+    """The numbers a CIMEO run can change over its sequence: the union of its tasks' masked
+    entries (what any task's SparseAdamW may touch) plus every parameter trained densely."""
+    weights = masked_parameters(model, cfg.target_modules, cfg.masked)
+    touched = {name: torch.zeros(w.numel(), dtype=torch.bool) for name, w in weights.items()}
+    for task in ctx.tasks:
+        for name, index in load_task_masks(ctx.cimeo["folder"], task.name).items():
+            touched[name][index] = True
+    masked = {id(w) for w in weights.values()}
+    dense = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in masked)
+    return sum(int(flags.sum()) for flags in touched.values()) + dense
+
+
 def make_method(doc: str):
     """The Method of methods/cimeo4sft.py: its params section's ``objective`` picks the form, sft
     (loss on the answer, in the sequence's prompt format) or pretrain (every token of the plain text)."""
@@ -570,7 +583,7 @@ def make_method(doc: str):
         check_method_settings(cfg)
         return encoder_for(cfg.objective, cfg.chat_template)
 
-    return Method("cimeo", build, optimizer=optimizer, doc=doc, encoder=encoder)
+    return Method("cimeo", build, optimizer=optimizer, doc=doc, encoder=encoder, trainable=trainable)
 
 
 # ----------------------------------------------------------------------------- overlap
@@ -730,5 +743,5 @@ __all__ = [
     "GradientCounter", "gradient_masks", "mask_batches", "save_masks", "read_masks_meta", "load_task_masks",
     "load_all_masks", "SparseAdamW", "set_overlap", "weight_overlaps", "overall_overlap", "layer_overlap",
     "overlap_matrix", "mean_layer_overlap", "principal_angles", "subspace_metrics", "write_report",
-    "markdown_table", "build", "optimizer", "make_method", "MASKS_IN_MODEL", "masks_settings", "compute_task_masks",
+    "markdown_table", "build", "optimizer", "trainable", "make_method", "MASKS_IN_MODEL", "masks_settings", "compute_task_masks",
 ]

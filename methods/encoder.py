@@ -92,9 +92,9 @@ def train_and_score(source: str, task: str, settings: dict, *, steps: int, batch
         fail(f"task '{task}' does not have the same choices in every row: a classification head needs a fixed label set")
     set_seed(seed)
     model, tokenizer = load_classifier(source, len(choices), seed)
+    total = sum(p.numel() for p in model.parameters())  # the encoder with its new head, before the method adds anything
     model = apply_method(model, settings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=steps, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=64, learning_rate=settings["lr"], weight_decay=settings.get("weight_decay", 0.0),

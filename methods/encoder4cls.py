@@ -44,6 +44,7 @@ def main(argv=None) -> None:
                               max_length=cfg.max_length, seed=cfg.seed, tasks_dir=cfg.tasks_dir, work_dir=work)
     score = row["accuracy"]
     summary = {"method": cfg.method, "sequence": cfg.sequence, "seed": cfg.seed, "tasks": [task],
+               "chat_template": False,  # the classifier reads the plain prompt
                "trainable_params": row["trainable_params"], "total_params": row["total_params"],
                "peak_memory_mb": round(peak_memory_mb(), 1), "step_time_s": row["step_time_s"],
                "AP": score, "BWT": None, "final": {task: score}, "matrix": {f"after_{task}": {task: score}}}

@@ -341,6 +341,15 @@ class GorpAdamW(torch.optim.Optimizer):
         return grown
 
 
+def trained_numbers(model: torch.nn.Module, train_weights: bool) -> int:
+    """The numbers a run over the whole sequence trains: every task's LoRA (A_t, B_t; each trains
+    on its task) and, for GORP (``train_weights``), the target layers' weights W. The bases are
+    derived from W's moments, not trained; the base model's other weights stay frozen."""
+    layers = gorp_layers(model)
+    loras = sum(p.numel() for layer in layers for p in (*layer.lora_A, *layer.lora_B))
+    return loras + (sum(layer.weight.numel() for layer in layers) if train_weights else 0)
+
+
 def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain transformers model computing what ``model`` computes: a copy in which every
     GorpLinear is an nn.Linear holding W + (α/r)·Σ B_i·A_i."""
@@ -369,4 +378,4 @@ def export_folded(model: torch.nn.Module, path) -> None:
 
 
 __all__ = ["GorpAdamW", "GorpLinear", "activate", "attach", "check_settings", "export_folded", "gorp_layers",
-           "grow_basis", "orthogonal_subspace", "plain_copy", "project_out"]
+           "grow_basis", "orthogonal_subspace", "plain_copy", "project_out", "trained_numbers"]

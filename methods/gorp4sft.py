@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy
+from methods.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy, trained_numbers
 from stages.core.errors import fail
 from stages.core.sft import Method, main
 
@@ -47,7 +47,8 @@ def optimizer(model, cfg, ctx):
                      weight_decay=cfg.weight_decay)
 
 
-METHOD = Method("gorp", build, optimizer=optimizer, doc=__doc__, export=export_folded, merged=plain_copy)
+METHOD = Method("gorp", build, optimizer=optimizer, doc=__doc__, export=export_folded, merged=plain_copy,
+                trainable=lambda model, cfg, ctx: trained_numbers(model, train_weights=True))
 
 if __name__ == "__main__":
     main(METHOD)

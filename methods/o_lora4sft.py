@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.gorp import activate, attach, export_folded, gorp_layers, plain_copy
+from methods.gorp import activate, attach, export_folded, gorp_layers, plain_copy, trained_numbers
 from stages.core.errors import fail
 from stages.core.sft import Method, StepInputs, first_order_step, main
 
@@ -66,7 +66,7 @@ def train_step(step: StepInputs) -> float:
 
 
 METHOD = Method("o_lora", build, optimizer=optimizer, train_step=train_step, doc=__doc__, export=export_folded,
-                merged=plain_copy)
+                merged=plain_copy, trainable=lambda model, cfg, ctx: trained_numbers(model, train_weights=False))
 
 if __name__ == "__main__":
     main(METHOD)

@@ -6,9 +6,11 @@ Reads ``results/tables/<table>/runs/*.json`` (stages/collect.py: one per run and
 sequence's base-model line) and writes ``results/tables/<table>/table.md``, ``table.csv`` (tidy:
 one value per line) and ``plots/*.png``. Every table is rendered the same way from its
 description (sequences, rows, reference, seeds, merged): per sequence, the base model's zero-shot
-line, then one line per row with what it trains, its memory and step time, its final score on
-every task, AP, BWT and FWT (continual-learning metrics from the accuracy matrix), averaged over
-the seeds; with several sequences, a summary over them.
+line, then one line per row with the numbers it trains over the whole run (and their share of the
+base model), its memory and step time, its final score on every task, AP, BWT and FWT
+(continual-learning metrics from the accuracy matrix), averaged over the seeds; with several
+sequences, a summary over them. Every row of a sequence and its base line must have been scored
+in one prompt format (``check_prompt_formats``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,40 @@ def read_collected(path: Path) -> dict:
     return read_json(path)
 
 
+def prompt_format(record: dict, what: str) -> bool:
+    """Whether ``record``'s scores were computed through the chat template (True) or on plain prompts."""
+    if not isinstance(record.get("chat_template"), bool):
+        fail(f"{what} does not record its prompt format (chat_template): re-run the stage that wrote it (dvc repro)")
+    return record["chat_template"]
+
+
+def format_name(chat_template: bool) -> str:
+    return "the chat template" if chat_template else "plain prompts"
+
+
+def check_prompt_formats(name: str, table: dict, bases: dict, runs: dict) -> None:
+    """One error line unless every score of a sequence's block is computed in one prompt format:
+    the base model's zero-shot line, every row's accuracy matrix and, in a merged table, its merged
+    model's scores. Comparing a row scored through the chat template with rows (or a base line)
+    scored on plain prompts would measure the format, not the method."""
+    for sequence in table["sequences"]:
+        formats = {}
+        if bases[sequence] is not None:
+            formats[f"the base model's line ({sequence})"] = prompt_format(bases[sequence], f"base-{sequence}")
+        for row in table["rows"]:
+            for seed, run in zip(table["seeds"], runs[row, sequence]):
+                key = f"{row}-{sequence}-s{seed}"
+                formats[f"row {key}"] = prompt_format(run, key)
+                if run.get("merged"):
+                    formats[f"row {key} (merged model)"] = prompt_format(run["merged"], f"{key}'s merged scores")
+        (first, expected), *others = formats.items()
+        for what, chat_template in others:
+            if chat_template != expected:
+                fail(f"table '{name}', sequence '{sequence}': {what} is scored with {format_name(chat_template)} but "
+                     f"{first} with {format_name(expected)}: every row of a table and its base line must be scored "
+                     f"in the table's prompt format (the sequence's chat_template)")
+
+
 def matrix_of(run: dict) -> list[list[float]]:
     return [[run["matrix"][f"after_{t}"][u] for u in run["tasks"]] for t in run["tasks"]]
 
@@ -96,10 +132,16 @@ def row_summary(row: str, runs: list[dict], zero_shot: dict | None) -> dict:
 
 # ----------------------------------------------------------------------------- rendering
 
+# What the size columns count: every number the run can change at some point of its sequence
+# (an adapter; every task's LoRA; the union of CIMEO's masks; all weights), over the base model's
+# parameter count (not the model with the adapters a method adds).
+TRAINED_COLUMN = "trained numbers (whole run)"
+
+
 def sequence_block(zero: dict | None, lines: list[dict], reference: str) -> tuple[list[str], str, list[list]]:
     """(header, Markdown text, table rows) of one sequence; ``zero``: the base model's scores."""
     tasks = lines[0]["tasks"]
-    header = ["method", "trainable params", "% of model", "peak memory (MB)", "step time (s)", *tasks, "AP", "BWT", "FWT",
+    header = ["method", TRAINED_COLUMN, "% of base model", "peak memory (MB)", "step time (s)", *tasks, "AP", "BWT", "FWT",
               f"ΔAP vs {reference}"]
     ref_ap = next(line["AP"] for line in lines if line["row"] == reference)
     table = [["base model (zero-shot)", None, None, None, None, *(zero[t] for t in tasks),
@@ -189,6 +231,7 @@ def summary_over_sequences(table: dict, by_sequence: dict[str, list[dict]]) -> t
 def render(name: str, table: dict, runs_dir: Path, plots: Path) -> tuple[str, list[list]]:
     """(Markdown page, tidy CSV rows) of one table, its plots written into ``plots``."""
     bases, runs = load_runs(runs_dir, table)
+    check_prompt_formats(name, table, bases, runs)
     seeds = ", ".join(map(str, table["seeds"]))
     final_from = ("the merged model, scored by lm-eval" if table.get("merged") else
                   "the accuracy matrix's last row (scored in training; not merged)")

@@ -306,6 +306,13 @@ def test_trainer_learns_on_the_mask_and_nowhere_else(name, extra, cimeo_project,
                 assert (not torch.equal(now[dense_name], start[dense_name])) == (trainer.cfg.dense == "all"), dense_name
     # The two tasks' masks are different sets.
     assert cimeo.overall_overlap(cimeo.load_task_masks(folder, "mc"), cimeo.load_task_masks(folder, "gen")) < 0.9
+    # What the run can change: the union of the tasks' masked entries plus what trains densely,
+    # not every parameter that requires grad (the masked tensors do, whole).
+    union = sum(int(torch.unique(torch.cat([cimeo.load_task_masks(folder, t)[n] for t in ("mc", "gen")])).numel())
+                for n in targets)
+    dense = sum(p.numel() for n, p in model.named_parameters() if n not in targets and p.requires_grad)
+    assert trainer.trainable == union + dense < sum(p.numel() for p in model.parameters())
+    assert trainer.total == sum(p.numel() for p in model.parameters())
 
 
 @pytest.fixture(scope="module")

@@ -286,9 +286,13 @@ def test_killed_run_resumes_with_the_weights_of_an_uninterrupted_one(gorp_projec
     assert not torch.allclose(expected, logits(load_model("models/base"), batch))
     merged = merge("models/base", str(final), str(gorp_project / "merged" / "gorp"))
     torch.testing.assert_close(logits(load_model(merged), batch), expected, atol=1e-5, rtol=1e-5)
+    # What the run trains, over its whole sequence: W and every task's LoRA (not the bases), over
+    # the base model's size (not the model with the LoRAs and bases GORP pre-allocates).
     layers = gorp_layers(reference.unwrapped)
-    trainable = sum(layer.weight.numel() + layer.lora_A[1].numel() + layer.lora_B[1].numel() for layer in layers)
-    assert metrics[1]["trainable_params"] == trainable
+    trainable = sum(layer.weight.numel() + sum(a.numel() + b.numel() for a, b in zip(layer.lora_A, layer.lora_B))
+                    for layer in layers)
+    assert len(layers[0].lora_A) == 2 and metrics[1]["trainable_params"] == trainable
+    assert metrics[1]["total_params"] == sum(p.numel() for p in load_model("models/base").parameters())
 
 
 def forgetting(method, tag: str, *flags: str) -> tuple[float, float, float]:
@@ -435,6 +439,12 @@ def test_o_lora_keeps_the_new_lora_orthogonal_and_w_frozen(gorp_project, monkeyp
     for layer, before in zip(gorp_layers(orthogonal.unwrapped), weights):
         assert torch.equal(layer.weight, before)  # W0 never trains (same seed: same start)
         assert not layer.lora_A[0].requires_grad and layer.lora_A[1].requires_grad
+    # Trained over the run: every task's LoRA, over the base model's size (not its padded bases).
+    from stages.core.models import load_model
+
+    layers = gorp_layers(orthogonal.unwrapped)
+    assert orthogonal.trainable == sum(p.numel() for layer in layers for p in (*layer.lora_A, *layer.lora_B))
+    assert orthogonal.total == sum(p.numel() for p in load_model("models/base").parameters())
     *_, batch = probe_batch(gorp_project)
     folded = plain_copy(orthogonal.unwrapped)
     assert torch.allclose(logits(folded, batch), logits(orthogonal.unwrapped, batch), atol=1e-4)

@@ -125,7 +125,10 @@ class Method:
     chat template when ``--chat_template``); ``export(model, path)`` saves the trained model after each task (None:
     peft's adapter, or the full weights of a plain model; custom adapters use
     stages/core/adapters.save_adapter); ``merged(model)`` is a plain transformers model computing
-    the same function, for scoring (None: peft's merge_and_unload on a copy)."""
+    the same function, for scoring (None: peft's merge_and_unload on a copy); ``trainable(model,
+    cfg, ctx)`` counts the numbers the run can change over all its tasks, called once the model and
+    the first task's optimizer are built (None: the parameters that then require grad; methods
+    that train something else per task, or only part of a tensor, count it themselves)."""
 
     name: str
     build: BuildFn
@@ -137,6 +140,7 @@ class Method:
     script: str = ""  # its file in methods/ (default: <name>4sft.py)
     export: Callable[[torch.nn.Module, Path], None] | None = None
     merged: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    trainable: Callable[[torch.nn.Module, SimpleNamespace, Context], int] | None = None
 
 
 def build_tuned(model: torch.nn.Module, cfg) -> torch.nn.Module:
@@ -335,6 +339,7 @@ def peak_memory_mb() -> float:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters that require grad, all parameters); a tied weight counts once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
@@ -392,6 +397,9 @@ class Trainer:
         self.work = WorkDir(cfg.work_dir, fingerprint(cfg), self.accelerator.is_main_process)
         self.context = Context(self.tokenizer, self.tasks, self.encoded, self.work.root)
         model = load_model(cfg.base_model)
+        # The denominator of every trained-numbers share: the base model's size, not the model with
+        # whatever a method adds (adapters of later tasks, bases, padding).
+        self.total = count_parameters(model)[1]
         try:
             model = method.build(model, cfg, self.context)
         except ValueError as err:  # peft's and our checks of a method's settings against the model
@@ -400,7 +408,7 @@ class Trainer:
         if not self.tuned:
             fail(f"method '{method.name}' left no trainable parameters")
         method.optimizer(model, cfg, self.context)  # some optimizers freeze tensors (LoRA-FA's A): count after it
-        self.trainable, self.total = count_parameters(model)
+        self.trainable = method.trainable(model, cfg, self.context) if method.trainable else count_parameters(model)[0]
         self.initial_adapter = None
         if needs_conversion(model):
             # PiSSA/OLoRA rewrite W: keep the initial adapter to export plain-LoRA adapters later.
@@ -542,6 +550,8 @@ class Trainer:
         step_times = [t for r in records for t in (r["step_time"][2:] or r["step_time"])]
         summary = {
             "method": cfg.method, "sequence": cfg.sequence, "tasks": names,
+            "chat_template": bool(cfg.chat_template),  # the prompt format every score of the run used
+            # numbers the run can change over all its tasks; the base model's size
             "trainable_params": self.trainable, "total_params": self.total,
             "peak_memory_mb": round(max(r["peak_memory_mb"] for r in records), 1),
             "step_time_s": round(statistics.median(step_times), 4),
