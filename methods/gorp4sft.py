@@ -7,7 +7,9 @@ trains with AdamW at lora_lr; in the same step W trains GaLore-style on its inpu
 G' = Gᵀ (in x out) with the shared subspace M (in x k, input directions) removed,
 G' <- G' - M·Mᵀ·G'; every update_proj_gap steps Q = top-`rank` singular vectors of G'
 (orthogonal to M); Adam on Q·G' and
-    W -= lr·scale·(Qᵀ·Adam(Q·G'))ᵀ.
+    W -= lr·scale·(Qᵀ·Adam(Q·G'))ᵀ,
+the moments moved into each new subspace at a refresh (m <- T·m, v <- (T∘T)·v, T = Q_new·Q_oldᵀ;
+our choice, where GaLore's code keeps them unmoved: the basis below is grown from them).
 A_t's gradient gets the same g - M·Mᵀ·g on its input side before its moments (and its step is
 projected again), so the layer's whole change on task t leaves the earlier tasks' input
 directions alone: Δ·M = 0. At the end of every task but the last, W's first moment Qᵀ·m

@@ -35,6 +35,7 @@ from test_methods import load_method
 
 from methods.gorp import (
     GorpAdamW,
+    GorpLinear,
     activate,
     attach,
     gorp_layers,
@@ -145,6 +146,39 @@ def test_galore_subspace_is_orthogonal_to_the_basis(gradient_rank):
     torch.testing.assert_close(rows @ rows.T, torch.eye(len(rows)), atol=1e-5, rtol=0)
     top = torch.linalg.svd(grad.double(), full_matrices=False).U[:, :min(6, gradient_rank)].float()
     torch.testing.assert_close(q.T @ (q @ top), top, atol=1e-3, rtol=0)  # Q spans the top directions
+
+
+def test_first_moment_is_carried_into_each_new_subspace():
+    """W's first moment m is kept in the coordinates of the current projection Q. At a refresh it
+    is moved into the new subspace, so Qᵀ·m, what the basis grows from at the task's end, is a
+    moment of W's gradient in one subspace: the average of the projected gradients in which each
+    refresh projects the average so far onto the new subspace. Read unmoved in the new
+    coordinates, the old subspace's moment lands on the new directions (the bug this replaces)."""
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    layer = GorpLinear(torch.nn.Linear(6, 4, bias=False), n_tasks=2, r=2, lora_alpha=2.0, lora_dropout=0.0, capacity=1)
+    steps, gap, beta1 = 6, 2, 0.9
+    opt = GorpAdamW([layer], 0, lr=1e-3, lora_lr=1e-3, rank=1, update_proj_gap=gap, scale=1.0, energy=1.0,
+                    steps_per_task=steps, grow_bases=True, seed=0)
+    # rank-1 gradients whose input direction changes at every refresh (steps 1-2, 3-4, 5-6)
+    inputs = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(steps // gap)]
+    reference = torch.zeros(6, 4, dtype=torch.float64)  # m in W's gradient space (in x out), projected at refreshes
+    for t in range(steps):
+        direction = inputs[t // gap] / inputs[t // gap].norm()
+        grad_t = torch.outer(direction, torch.randn(4, generator=g, dtype=torch.float64))  # G' = Gᵀ (in x out)
+        layer.weight.grad = grad_t.T.float()
+        opt.step()
+        q = opt.state[layer.weight]["Q"].double()  # rank 1: the gradient's own input direction
+        torch.testing.assert_close(q.T @ q, torch.outer(direction, direction), atol=1e-5, rtol=0)
+        if t % gap == 0 and t:  # a refresh: the moment so far, projected onto the new subspace
+            reference = q.T @ (q @ reference)
+        reference = beta1 * reference + (1 - beta1) * grad_t
+        moment = q.T @ opt.state[layer.weight]["exp_avg"].double()
+        torch.testing.assert_close(moment, reference, atol=1e-5, rtol=1e-4)
+    # The basis grown at the task's end is the moment's own direction (the last subspace's).
+    grown = layer.used_basis().double()
+    assert grown.shape[1] == 1
+    torch.testing.assert_close((grown @ grown.T) @ reference, reference, atol=1e-5, rtol=1e-4)
 
 
 def test_basis_grows_by_the_fewest_directions_that_hold_the_energy():
