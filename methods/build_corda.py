@@ -1,7 +1,9 @@
 """CorDA step 1: context-oriented decomposition (the seed's build_corda.py, same command line).
 
-Knowledge-preserved adaptation (KPA, peft "kpm"), calibrated on a knowledge QA task's questions:
-    python methods/build_corda.py --model_id models/base --r 8 --calib_dataset fever \\
+Knowledge-preserved adaptation (KPA, peft "kpm"), calibrated on the questions of a knowledge QA
+task that is never trained on (params: knowledge_qa, the default sequence's held-out task, whose
+test rows every row of the default table is scored on: CorDA's preserved-knowledge comparison):
+    python methods/build_corda.py --model_id models/base --r 8 --calib_dataset knowledge_qa \\
         --calib_loader_size 256 --use_cache --save_model --save_path models/corda_kpa
 Instruction-previewed adaptation (IPA, peft "ipm"), calibrated on the fine-tuning task:
     python methods/build_corda.py --model_id models/base --r 8 --first_eigen --calib_dataset sst2 \\
@@ -146,7 +148,7 @@ def check_args(args: argparse.Namespace) -> None:
         if len(args.r) != 1 or args.r[0] <= 0:
             fail(f"--r must be one positive rank in build mode, got {' '.join(map(str, args.r))}")
         if args.calib_dataset is None:
-            fail("--calib_dataset is required: a task of --tasks_dir (e.g. fever for KPA, the fine-tuning task for IPA)")
+            fail("--calib_dataset is required: a task of --tasks_dir (e.g. knowledge_qa for KPA, the fine-tuning task for IPA)")
         if variants_given or args.layers:
             fail("--plain/--act_aware/--cov_aware/--layers only apply to --mode full_decompose")
         if args.save_model != bool(args.save_path):

@@ -39,6 +39,8 @@ def main(argv=None) -> None:
     if len(cfg.tasks) != 1:
         fail(f"sequence '{cfg.sequence}' has {len(cfg.tasks)} tasks: the encoder table classifies one task")
     task = cfg.tasks[0]
+    if cfg.held_out:
+        fail(f"sequence '{cfg.sequence}' has held-out tasks: an encoder row's classifier is trained for its one task only")
     with tempfile.TemporaryDirectory(prefix="adaptlab-encoder-") as work:
         row = train_and_score(cfg.base_model, task, vars(cfg), steps=cfg.steps_per_task, batch_size=cfg.batch_size,
                               max_length=cfg.max_length, seed=cfg.seed, tasks_dir=cfg.tasks_dir, work_dir=work)
@@ -47,7 +49,8 @@ def main(argv=None) -> None:
                "chat_template": False,  # the classifier reads the plain prompt
                "trainable_params": row["trainable_params"], "total_params": row["total_params"],
                "peak_memory_mb": round(peak_memory_mb(), 1), "step_time_s": row["step_time_s"],
-               "AP": score, "BWT": None, "final": {task: score}, "matrix": {f"after_{task}": {task: score}}}
+               "AP": score, "BWT": None, "final": {task: score}, "held_out": {},
+               "matrix": {f"after_{task}": {task: score}}}
     with atomic_dir(cfg.output_dir) as out:
         row["model"].save_pretrained(out / "final")
         atomic_write_json(out / "train_config.json", {k: v for k, v in vars(cfg).items()})

@@ -1,6 +1,8 @@
 """stages/tables.py on collected records written here (no training): a table whose rows or base
 line were scored in different prompt formats is refused in one line; the trained-numbers column
-is over the base model's size.
+is over the base model's size; a sequence's held-out tasks get a column for every row and the
+base line. And the core's side of held-out tasks: a run scores them after its last task, the
+evaluate stage apart from the sequence's tasks; a held-out task the sequence trains is refused.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_params
+from conftest import ROOT, check, make_workspace, read_json, run_script, tiny_params, train_args
+from test_methods import load_method
 
+from stages.core.errors import AdaptlabError
+from stages.core.sft import build_config
 from stages.plan import build_plan, dump
 
 TASKS = ["mc", "gen"]
@@ -100,3 +105,72 @@ def test_trained_numbers_column_is_over_the_base_model(table_dir, capsys):
     assert code == 0 and "trained numbers (whole run)" in page and "% of base model" in page
     line = next(line for line in page.splitlines() if line.startswith("| lora"))
     assert "| 25 " in line and "| 2.500 " in line
+
+
+# ----------------------------------------------------------------------------- held-out tasks
+
+def test_held_out_column_for_every_row_and_the_base_line(table_dir, capsys):
+    """A sequence's held-out tasks (never trained on it) get a column for every row, the base
+    model's zero-shot line included, from the merged model's scores in a merged table."""
+    base = base_record(held_out={"knowledge": 0.25})
+    lora = run_record("lora", merged_chat=False, held_out={"knowledge": 0.9})  # in training: not what a merged table shows
+    lora["merged"]["held_out"] = {"knowledge": 0.2}
+    dora = run_record("dora", merged_chat=False)
+    dora["merged"]["held_out"] = {"knowledge": 0.125}
+    folder = table_dir(base, lora, dora)
+    code, page = render(folder, capsys)
+    assert code == 0 and "knowledge (held out)" in page
+    cells = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| ")}
+    assert "| 0.250 " in cells["base model (zero-shot)"] and "| 0.200 " in cells["lora"] and "| 0.125 " in cells["dora"]
+    assert "0.900" not in cells["lora"]
+    csv = (folder / "results" / "tables" / "default" / "table.csv").read_text()
+    assert "default,lora,knowledge (held out),0.2" in csv
+
+
+def test_records_that_scored_other_held_out_tasks_are_refused(table_dir, capsys):
+    dora = run_record("dora", merged_chat=False)
+    dora["merged"]["held_out"] = {"knowledge": 0.1}
+    lora = run_record("lora", merged_chat=False)
+    lora["merged"]["held_out"] = {}
+    code, err = render(table_dir(base_record(held_out={"knowledge": 0.2}), lora, dora), capsys)
+    assert code == 2 and "\n" not in err
+    assert "row lora-default-s0 scored the held-out tasks none but the base model's line ['knowledge']" in err
+
+
+def test_runs_and_the_base_line_score_the_held_out_tasks(project, script_env, tmp_path):
+    """A run of a sequence with held_out scores those tasks after its last task (metrics.json
+    "held_out"), apart from the accuracy matrix; the evaluate stage (base line, merged models)
+    scores them apart from the sequence's tasks."""
+    params = tiny_params(sequences={"default": ["mc", "gen"], "one": {"tasks": ["mc"], "held_out": ["gen"]}})
+    ws = make_workspace(tmp_path / "ws", project, params)
+    args = [a if a != "default" else "one" for a in train_args("held")]
+    check(run_script("methods/lora4sft.py", *args, "--steps_per_task", "2", "--eval_limit", "4", cwd=ws, env=script_env))
+    metrics = read_json(ws / "results" / "train" / "held" / "metrics.json")
+    assert set(metrics["held_out"]) == {"gen"} and 0 <= metrics["held_out"]["gen"] <= 1
+    assert set(metrics["final"]) == {"mc"} and metrics["matrix"] == {"after_mc": {"mc": metrics["final"]["mc"]}}
+    check(run_script("stages/evaluate.py", "--model", "models/base", "--sequence", "one", "--limit", "4",
+                     "--out", "base.json", cwd=ws, env=script_env))
+    base = read_json(ws / "base.json")
+    assert set(base["scores"]) == {"mc"} and set(base["held_out"]) == {"gen"}
+
+
+def test_a_held_out_task_the_sequence_trains_on_is_a_one_line_error(project, tmp_path, monkeypatch):
+    params = tiny_params(sequences={"default": {"tasks": ["mc", "gen"], "held_out": ["gen"]}})
+    monkeypatch.chdir(make_workspace(tmp_path / "ws", project, params))
+    with pytest.raises(AdaptlabError, match="held_out names gen, which the sequence trains on"):
+        build_config(load_method("lora"), ["--params", "params.yaml"])
+
+
+def test_repository_default_table_holds_out_the_knowledge_corda_kpa_calibrates_on():
+    """CorDA's comparison: KPA's covariance comes from questions of a knowledge task that the
+    default sequence never trains, and every row of the default table (and its base line) is
+    scored on that task's test rows."""
+    from stages.core.config import load_params, sequence_held_out, sequence_tasks
+
+    params = load_params(ROOT / "params.yaml")
+    held_out = sequence_held_out(params, "default")
+    calib = params["methods"]["corda_kpa"]["decompose"]["args"]["calib_dataset"]
+    assert held_out == [calib] and calib not in sequence_tasks(params, "default")
+    assert params["tasks"][calib]["train_size"] >= params["methods"]["corda_kpa"]["decompose"]["args"]["calib_loader_size"]
+    assert params["tasks"][calib]["kind"] == "multiple_choice"
+    assert all(table["sequences"] == ["default"] for name, table in params["tables"].items() if name in ("quick", "default"))

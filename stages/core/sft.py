@@ -5,7 +5,8 @@ optimizer. Everything else is here, written once:
 
 * the command line, generated from params.yaml (``train:`` merged with ``methods.<name>:``);
 * the sequence: train task 1, save the adapter, score every task with lm-eval, train task 2 ...
-  (one adapter continues through the sequence; optimizer and schedule restart per task);
+  (one adapter continues through the sequence; optimizer and schedule restart per task); after
+  the last task, the sequence's held-out tasks (never trained) are scored too;
 * checkpoints every ``checkpoint_every`` steps (trainable weights, optimizer, schedule and RNG of
   every process) under ``--work_dir``, so a killed run resumes and ends with identical metrics;
 * accelerate, so ``accelerate launch methods/<x>4sft.py`` runs data-parallel unchanged;
@@ -248,6 +249,7 @@ def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNam
     if init_file.is_file():
         cfg.init, cfg.base_model = cfg.base_model, read_json(init_file)["base_model"]
     cfg.tasks = cfglib.sequence_tasks(params, cfg.sequence)
+    cfg.held_out = cfglib.sequence_held_out(params, cfg.sequence)
     cfglib.check_finite(cfg)
     cfglib.check_positive(cfg, "lr", "batch_size", "grad_accum", "steps_per_task", "max_length", "checkpoint_every", "log_every",
                           "eval_batch_size")
@@ -266,7 +268,7 @@ def fingerprint(cfg: SimpleNamespace) -> str:
     digest = hashlib.sha256()
     settings = {k: v for k, v in sorted(vars(cfg).items()) if k not in NOT_IN_FINGERPRINT}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for task in cfg.tasks:
+    for task in cfg.tasks + cfg.held_out:
         for split in ("train.jsonl", "test.jsonl"):
             path = Path(cfg.tasks_dir) / task / split
             if path.is_file():
@@ -419,6 +421,9 @@ class Trainer:
         self.evaluator = Evaluator(cfg.tasks, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
                                    limit=cfg.eval_limit or None, chat_template=cfg.chat_template,
                                    ) if self.accelerator.is_main_process else None
+        self.held_out = Evaluator(cfg.held_out, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
+                                  limit=cfg.eval_limit or None, chat_template=cfg.chat_template,
+                                  ) if self.accelerator.is_main_process and cfg.held_out else None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -504,7 +509,8 @@ class Trainer:
         return history
 
     def finish_task(self, index: int, history: dict) -> dict:
-        """Save the adapter after task ``index`` and score every task of the sequence."""
+        """Save the adapter after task ``index`` and score every task of the sequence (after the
+        last task, the held-out tasks too)."""
         record = {"task": self.tasks[index].name, "loss": history["loss"], "step_time": history["step_time"],
                   "peak_memory_mb": history["peak_memory_mb"]}
         if self.accelerator.is_main_process:
@@ -517,6 +523,8 @@ class Trainer:
                 save_file(tuned_state(self.unwrapped, self.tuned), tmp / "tuned.safetensors")
                 merged = (self.method.merged or mergeable_copy)(self.unwrapped)
                 record["scores"] = self.evaluator.score(merged, self.tokenizer)
+                if self.held_out and index == len(self.tasks) - 1:
+                    record["held_out"] = self.held_out.score(merged, self.tokenizer)
                 atomic_write_json(tmp / "record.json", record)
             shutil.rmtree(self.work.state_dir, ignore_errors=True)
             self.accelerator.print(f"after {record['task']}: " + ", ".join(f"{k} {v:.3f}" for k, v in record["scores"].items()))
@@ -557,6 +565,7 @@ class Trainer:
             "step_time_s": round(statistics.median(step_times), 4),
             "AP": average_performance(matrix), "BWT": backward_transfer(matrix),
             "final": dict(zip(names, matrix[-1])),
+            "held_out": records[-1].get("held_out", {}),  # the sequence's held-out tasks after the last task
             "matrix": {f"after_{r['task']}": dict(zip(names, row)) for r, row in zip(records, matrix)},
         }
         with atomic_dir(cfg.output_dir) as out:
