@@ -4,9 +4,9 @@ on the MiniLM-L6 encoder of the encoder table.
 Update rule: the encoder gets a new classification head over the task's choices and, by --kind,
 trains every weight (full), a peft LoRA on --target_modules (h = W0·x + (alpha/r)·B·A·x), or
 LoRETTA's tensor-train layers (methods/loretta.py: loretta_rep, LoRA whose A and B are tensor
-trains; loretta_adp, tensor-train bottleneck adapters after attention and after the FFN with the
-norms trainable; tt_rank 0 makes them dense, plain Houlsby adapters). The head trains in every
-kind. AdamW with a linear schedule, --steps_per_task steps of --batch_size rows (transformers'
+trains; loretta_adp, tensor-train bottleneck adapters after attention and after the FFN; tt_rank
+0 makes them dense, plain Houlsby adapters), with the LayerNorms trainable in both forms as the
+reference's encoder path marks them. The head trains in every kind. AdamW with a linear schedule, --steps_per_task steps of --batch_size rows (transformers'
 Trainer, methods/encoder.py); the score is test accuracy.
 
     python methods/encoder4cls.py --method enc_loretta_rep --sequence sst2_cls --base_model models/encoder
