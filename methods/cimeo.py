@@ -4,12 +4,13 @@ One module holds everything CIMEO's script (methods/cimeo4sft.py, both forms), i
 (build_cimeo_masks.py) and its analyses (stages/analysis/*.py) share:
 
 * gradient-frequency masks: for a task's training rows, forward/backward batch by batch on the
-  base model; for every target weight matrix W (attention and MLP linears; never the embeddings or
-  the LM head) count per entry how often |∂L/∂W| is among the top ``density`` fraction of that
-  matrix (strategy ``max``) or the bottom fraction (``min``); the ``density`` fraction of entries
-  counted most often is the task's index set I_c (ties broken by the summed |grad|: larger first
-  for max, smaller first for min). ``random`` draws a seeded subset of the same size. Masks are
-  sorted flat indices into ``W.view(-1)``;
+  base model; for every masked parameter W (``masked_parameters``: every parameter but the
+  embedding and the LM head, norms included, as the authors' code; or only the attention and MLP
+  linears) count per entry how often |∂L/∂W| is among the top ``density`` fraction of W (strategy
+  ``max``) or the bottom fraction (``min``); the floor(density·|W|) entries counted most often are
+  the task's index set I_c (ties broken by the summed |grad|: larger first for max, smaller first
+  for min). ``random`` draws a seeded subset of the same size. Masks are sorted flat indices into
+  ``W.view(-1)``;
 * ``SparseAdamW``: AdamW whose step touches W[I] only, with moments of size |I|;
 * encodings: SFT (loss on the answer, in the run's prompt format: the chat template's assistant
   turn, or after the plain prompt) and the pretraining form (every token of the plain text);
