@@ -75,7 +75,7 @@ def test_a_row_trains_and_scores(project, monkeypatch, tmp_path):
     metrics = json.loads((results / "metrics.json").read_text())
     assert (metrics["method"], metrics["tasks"], metrics["seed"]) == ("enc_loretta_rep", ["mc"], 0)
     assert 0.0 <= metrics["AP"] == metrics["final"]["mc"] == metrics["matrix"]["after_mc"]["mc"] <= 1.0
-    assert metrics["trainable_params"] < 20_000 and metrics["total_params"] > 22_000_000
+    assert metrics["trainable_params"] < 25_000 and metrics["total_params"] > 22_000_000  # TT cores, LayerNorms, head
     losses = [float(line.split("\t")[1]) for line in (results / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
     assert len(losses) >= 2 and losses[-1] < 0.75
     assert (runs / "final" / "config.json").is_file() and json.loads((runs / "train_config.json").read_text())["kind"] == "loretta"
