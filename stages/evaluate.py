@@ -3,9 +3,10 @@
     python stages/evaluate.py --model merged/lora-default --sequence default --out results/rows/lora-default/eval.json
 The folder is loaded once, with a clear error if it is missing or corrupt, and handed to
 lm-eval's HF model wrapper. Besides the sequence's tasks it scores the sequence's held-out tasks
-(sequences.<name>.held_out: never trained on it), written apart as "held_out". Prompts go through the tokenizer's chat template when the model was
-trained that way (its prompt_format.json, written by stages/merge.py), else when the sequence sets
-chat_template (the base model on the cognition sequence); --chat_template / --no-chat_template win.
+(sequences.<name>.held_out: never trained on it), written apart as "held_out". Prompts go through
+the tokenizer's chat template when the model was trained that way (its prompt_format.json,
+written by stages/merge.py), else when the sequence sets chat_template (the base model on the
+cognition sequence); --chat_template / --no-chat_template win.
 """
 
 import argparse

@@ -527,7 +527,8 @@ class Trainer:
                     record["held_out"] = self.held_out.score(merged, self.tokenizer)
                 atomic_write_json(tmp / "record.json", record)
             shutil.rmtree(self.work.state_dir, ignore_errors=True)
-            self.accelerator.print(f"after {record['task']}: " + ", ".join(f"{k} {v:.3f}" for k, v in record["scores"].items()))
+            scored = {**record["scores"], **{f"{k} (held out)": v for k, v in record.get("held_out", {}).items()}}
+            self.accelerator.print(f"after {record['task']}: " + ", ".join(f"{k} {v:.3f}" for k, v in scored.items()))
         self.accelerator.wait_for_everyone()
         return self.work.finished(index)
 
