@@ -5,14 +5,17 @@
     python methods/build_cimeo_masks.py --tasks qa_wikidata winowhy --batches 4 --out_dir /tmp/masks
     python methods/build_cimeo_masks.py --method cimeo --sequence default --save_model --save_path models/init/cimeo-default/model
 
---sequence takes one or more sequences (their tasks, each once). For every task: its training rows are encoded like the method trains on them (--objective sft:
-chat template, loss on the answer; pretrain: every token of the plain text), and the model runs
-forward/backward over --batches batches of --batch_size rows (0: one pass over all the rows).
-Per target weight matrix (--targets: attention and MLP linears; never embeddings or the LM head)
-each entry is counted whenever its |grad| is in the top --density fraction of the matrix
-(--strategy max) or the bottom fraction (min); the --density fraction counted most often
-(ties: larger summed |grad| first for max, smaller first for min) is the task's mask I_c.
---strategy random draws a seeded random subset of the same size and runs no model.
+--sequence takes one or more sequences (their tasks, each once). For every task: its training
+rows are encoded like the method trains on them (--objective sft: loss on the answer, in the
+sequence's prompt format, through the chat template where the sequence sets chat_template;
+pretrain: every token of the plain text), and the model runs forward/backward over --batches
+batches of --batch_size rows (0: one pass over all the rows). Per masked parameter (--masked all:
+every parameter but the embedding and the LM head, norms included, as the authors' code;
+matrices: the --targets linears only) each entry is counted whenever its |grad| is in the top
+--density fraction of the tensor (--strategy max) or the bottom fraction (min); the
+floor(--density x size) entries counted most often (ties: larger summed |grad| first for max,
+smaller first for min) are the task's mask I_c. --strategy random draws a seeded random subset
+of the same size and runs no model.
 
 Writes, atomically, <out_dir>/<task>.safetensors (one tensor of sorted flat indices into
 W.view(-1) per weight name, int32) and <out_dir>/masks.json (settings, the model's fingerprint,
@@ -21,8 +24,9 @@ params have `decompose: {script: build_cimeo_masks.py}`) writes the masks to P/c
 methods/cimeo4sft.py finds them when its --base_model is the decompose stage's folder.
 
 --method NAME takes the defaults of --strategy, --density, --batches (mask_batches),
---batch_size (mask_batch_size), --max_length and --targets (target_modules) from params.yaml
-methods.NAME (over train:); explicit flags win.
+--batch_size (mask_batch_size), --max_length, --masked, --chat_template and --targets
+(target_modules) from params.yaml methods.NAME (over the sequence's settings, over train:), as
+the method's own runs read them; explicit flags win.
 """
 
 from __future__ import annotations
@@ -36,16 +40,16 @@ import torch
 
 from methods import cimeo
 from stages.core.batches import encode_rows
-from stages.core.config import OneLineParser, load_params, section, sequence_tasks
+from stages.core.config import OneLineParser, load_params, section, sequence_settings, sequence_tasks
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir
 from stages.core.models import load_model, load_tokenizer
 from stages.core.tasks import load_task
 
 FALLBACKS = {"strategy": "max", "density": 0.1, "batches": 0, "batch_size": 8, "max_length": 128,
-             "targets": cimeo.DEFAULT_TARGETS, "objective": "sft", "seed": 0}
+             "targets": cimeo.DEFAULT_TARGETS, "objective": "sft", "seed": 0, "masked": "all", "chat_template": False}
 FROM_METHOD = {"strategy": "strategy", "density": "density", "batches": "mask_batches", "batch_size": "mask_batch_size",
-               "max_length": "max_length", "targets": "target_modules"}
+               "max_length": "max_length", "targets": "target_modules", "masked": "masked", "chat_template": "chat_template"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -61,7 +65,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--density", type=float, default=None, help="fraction of each matrix kept (default: 0.1)")
     p.add_argument("--batches", type=int, default=None, help="batches per task; 0 = one pass over all its rows (default)")
     p.add_argument("--batch_size", type=int, default=None, help="rows per batch (default: 8)")
-    p.add_argument("--objective", default=None, help="sft (chat template, loss on the answer) | pretrain (every token)")
+    p.add_argument("--objective", default=None, help="sft (loss on the answer) | pretrain (every token of the plain text)")
+    p.add_argument("--masked", default=None, help="all (every parameter but the embedding / LM head; default) | matrices (--targets)")
+    p.add_argument("--chat_template", action=argparse.BooleanOptionalAction, default=None,
+                   help="encode the rows through the chat template (default: as the sequence / method sets it)")
     p.add_argument("--max_length", type=int, default=None, help="tokens per row at most (default: train.max_length)")
     p.add_argument("--targets", nargs="+", default=None, help="weight matrices to mask (default: q,k,v,o,gate,up,down_proj)")
     p.add_argument("--seed", type=int, default=None, help="seed of the random strategy (default: 0)")
@@ -77,6 +84,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from params (methods.<method> over train:, base_model.path, seed)."""
     params = load_params(args.params)
     method = dict(params.get("train") or {})
+    # The sequence's settings (its prompt format) apply as they do to the method's runs.
+    shared = [sequence_settings(params, name) for name in args.sequence or []]
+    if any(s.get("chat_template") != shared[0].get("chat_template") for s in shared):
+        fail(f"sequences {', '.join(args.sequence)} differ in chat_template: build their masks separately")
+    for settings in shared[:1]:
+        method.update(settings)
     if args.method:
         method.update(section(params, "methods", args.method) or {})
     for key, fallback in FALLBACKS.items():
@@ -101,6 +114,9 @@ def check_args(args: argparse.Namespace) -> None:
         fail(f"--strategy '{args.strategy}' is not valid: expected one of {', '.join(cimeo.STRATEGIES)}")
     if args.objective not in cimeo.OBJECTIVES:
         fail(f"--objective '{args.objective}' is not valid: expected one of {', '.join(cimeo.OBJECTIVES)}")
+    if args.masked not in cimeo.MASKED_CHOICES:
+        fail(f"--masked '{args.masked}' is not valid: expected one of {', '.join(cimeo.MASKED_CHOICES)}")
+    cimeo.encoder_for(args.objective, args.chat_template)
     if not isinstance(args.density, (int, float)) or not 0 < args.density <= 1:
         fail(f"--density must be in (0, 1], got {args.density}")
     if args.batches < 0:
@@ -129,11 +145,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = load_model(args.model_id)
     if torch.cuda.is_available():
         model.to("cuda")
-    weights = cimeo.target_weights(model, args.targets)
-    fingerprint = cimeo.model_fingerprint(model, args.targets)
+    weights = cimeo.masked_parameters(model, args.targets, args.masked)
+    fingerprint = cimeo.model_fingerprint(model, args.targets, args.masked)
     settings = cimeo.masks_settings(args.objective, args.strategy, args.density, args.batches, args.batch_size,
-                                    args.max_length, args.targets, args.seed)
-    encode = cimeo.ENCODERS[args.objective]
+                                    args.max_length, args.targets, args.seed, args.masked, args.chat_template)
+    encode = cimeo.encoder_for(args.objective, args.chat_template)
     masks, seconds = {}, {}
     for task in tasks:
         t0 = time.perf_counter()

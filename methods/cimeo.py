@@ -4,14 +4,16 @@ One module holds everything CIMEO's script (methods/cimeo4sft.py, both forms), i
 (build_cimeo_masks.py) and its analyses (stages/analysis/*.py) share:
 
 * gradient-frequency masks: for a task's training rows, forward/backward batch by batch on the
-  base model; for every target weight matrix W (attention and MLP linears; never the embeddings or
-  the LM head) count per entry how often |∂L/∂W| is among the top ``density`` fraction of that
-  matrix (strategy ``max``) or the bottom fraction (``min``); the ``density`` fraction of entries
-  counted most often is the task's index set I_c (ties broken by the summed |grad|: larger first
-  for max, smaller first for min). ``random`` draws a seeded subset of the same size. Masks are
-  sorted flat indices into ``W.view(-1)``;
+  base model; for every masked parameter W (``masked_parameters``: every parameter but the
+  embedding and the LM head, norms included, as the authors' code; or only the attention and MLP
+  linears) count per entry how often |∂L/∂W| is among the top ``density`` fraction of W (strategy
+  ``max``) or the bottom fraction (``min``); the floor(density·|W|) entries counted most often are
+  the task's index set I_c (ties broken by the summed |grad|: larger first for max, smaller first
+  for min). ``random`` draws a seeded subset of the same size. Masks are sorted flat indices into
+  ``W.view(-1)``;
 * ``SparseAdamW``: AdamW whose step touches W[I] only, with moments of size |I|;
-* encodings: chat-template SFT (loss on the assistant turn) and the pretraining form (every token);
+* encodings: SFT (loss on the answer, in the run's prompt format: the chat template's assistant
+  turn, or after the plain prompt) and the pretraining form (every token of the plain text);
 * set overlap of masks (overall, per layer) and principal angles between base and tuned weights.
 """
 
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from stages.core.batches import causal_lm_loss, collate, encode_chat
+from stages.core.batches import causal_lm_loss, collate, encode_chat, encode_example
 from stages.core.errors import fail
 from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 
@@ -38,6 +40,7 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 STRATEGIES = ("max", "min", "random")
 OBJECTIVES = ("sft", "pretrain")
 DENSE_CHOICES = ("all", "norms", "none")
+MASKED_CHOICES = ("all", "matrices")
 MASKS_JSON = "masks.json"
 FORMAT_VERSION = 1
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -55,7 +58,20 @@ def encode_pretrain(row: dict, tokenizer, max_length: int, where: str = "") -> d
     return {"input_ids": ids, "labels": list(ids)}
 
 
-ENCODERS = {"sft": encode_chat, "pretrain": encode_pretrain}
+def encoder_for(objective: str, chat_template: bool):
+    """How a task row is encoded, for training and for its masks alike. The SFT form learns the
+    answer in the run's prompt format: through the chat template (user turn = prompt, assistant
+    turn = answer) where the sequence sets ``chat_template``, else on the plain prompt, like every
+    other row of the table it is compared in. The pretraining form learns every token of the plain
+    text; it has no chat form."""
+    if objective not in OBJECTIVES:
+        fail(f"--objective '{objective}' is not valid: expected one of {', '.join(OBJECTIVES)}")
+    if objective == "pretrain":
+        if chat_template:
+            fail("--chat_template does not fit CIMEO's pretrain form (every token of the plain text): run it on a "
+                 "sequence without chat_template, or use the sft form (--objective sft)")
+        return encode_pretrain
+    return encode_chat if chat_template else encode_example
 
 
 # ----------------------------------------------------------------------------- target weights
@@ -75,6 +91,31 @@ def target_weights(model: torch.nn.Module, targets: Sequence[str] = DEFAULT_TARG
     return found
 
 
+def masked_parameters(model: torch.nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
+                      masked: str = "all") -> dict[str, torch.nn.Parameter]:
+    """``{parameter name: tensor}`` of what carries a mask, in model order. ``all`` (the authors'
+    code): every parameter but the input embedding and the LM head, so norms and biases are masked
+    to ``density`` too; ``matrices``: only the target linears' weights (``target_weights``)."""
+    if masked not in MASKED_CHOICES:
+        fail(f"--masked '{masked}' is not valid: expected one of {', '.join(MASKED_CHOICES)}")
+    weights = target_weights(model, targets)
+    if masked == "matrices":
+        return weights
+    embeddings = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):  # transformers models have both
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            embeddings.add(id(module.weight))
+    return {name: param for name, param in model.named_parameters() if id(param) not in embeddings}
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a parameter belongs to (model.layers.12.self_attn.q_proj.weight -> 12), or
+    None for one outside every layer (the final norm)."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
 def layer_of(name: str) -> int:
     """The decoder layer index in a parameter name (model.layers.12.self_attn.q_proj.weight -> 12)."""
     match = _LAYER.search(name)
@@ -83,11 +124,11 @@ def layer_of(name: str) -> int:
     return int(match.group(1))
 
 
-def model_fingerprint(model: torch.nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> str:
-    """sha256 over the target weights' names, shapes, dtypes and bytes: a mask records the model it
-    was built on, so masks of another model (or another checkpoint) are refused."""
+def model_fingerprint(model: torch.nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, masked: str = "all") -> str:
+    """sha256 over the masked parameters' names, shapes, dtypes and bytes: a mask records the model
+    it was built on, so masks of another model (or another checkpoint) are refused."""
     digest = hashlib.sha256()
-    for name, weight in sorted(target_weights(model, targets).items()):
+    for name, weight in sorted(masked_parameters(model, targets, masked).items()):
         data = weight.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
         digest.update(memoryview(data.view(torch.uint8).numpy()) if data.dtype == torch.bfloat16
@@ -96,8 +137,9 @@ def model_fingerprint(model: torch.nn.Module, targets: Sequence[str] = DEFAULT_T
 
 
 def keep_count(numel: int, density: float) -> int:
-    """|I| for a matrix of ``numel`` entries: round(density·numel), at least 1."""
-    return max(1, min(numel, int(round(density * numel))))
+    """|I| for a tensor of ``numel`` entries: floor(density·numel) as the authors' code
+    (int(0.1 * numel)), at least 1."""
+    return max(1, min(numel, int(density * numel)))
 
 
 # ----------------------------------------------------------------------------- masks
@@ -156,8 +198,9 @@ class GradientCounter:
 
 
 def gradient_masks(model: torch.nn.Module, batches: Iterable[dict], strategy: str, density: float,
-                   targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0, task: str = "") -> dict[str, torch.Tensor]:
-    """I_c for every target matrix of ``model`` from its gradients on ``batches`` (dicts of
+                   targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0, task: str = "",
+                   masked: str = "all") -> dict[str, torch.Tensor]:
+    """I_c for every masked parameter of ``model`` (``masked_parameters``) from its gradients on ``batches`` (dicts of
     input_ids / attention_mask / labels). The model's weights are left as they were; its
     ``.grad`` fields are cleared. ``random`` ignores the batches. Gradients are computed in the
     model's own precision (no autocast), in eval mode (no dropout)."""
@@ -165,7 +208,7 @@ def gradient_masks(model: torch.nn.Module, batches: Iterable[dict], strategy: st
         fail(f"--strategy '{strategy}' is not valid: expected one of {', '.join(STRATEGIES)}")
     if not 0 < density <= 1:
         fail(f"--density must be in (0, 1], got {density}")
-    weights = target_weights(model, targets)
+    weights = masked_parameters(model, targets, masked)
     if strategy == "random":
         return random_masks({n: w.shape for n, w in weights.items()}, density, seed, task)
     counter = GradientCounter(weights, strategy, density)
@@ -398,7 +441,8 @@ class SparseAdamW(torch.optim.Optimizer):
 MASKS_IN_MODEL = "cimeo_masks"  # build_cimeo_masks.py --save_model: the masks beside the model copy
 
 
-METHOD_KEYS = ("objective", "strategy", "density", "masks", "mask_batches", "mask_batch_size", "dense", "target_modules")
+METHOD_KEYS = ("objective", "strategy", "density", "masks", "mask_batches", "mask_batch_size", "masked", "dense",
+               "adam_eps", "target_modules")
 
 
 def check_method_settings(cfg) -> None:
@@ -413,21 +457,27 @@ def check_method_settings(cfg) -> None:
         fail(f"--density must be in (0, 1], got {cfg.density}")
     if cfg.dense not in DENSE_CHOICES:
         fail(f"--dense '{cfg.dense}' is not valid: expected one of {', '.join(DENSE_CHOICES)}")
+    if cfg.masked not in MASKED_CHOICES:
+        fail(f"--masked '{cfg.masked}' is not valid: expected one of {', '.join(MASKED_CHOICES)}")
+    if not cfg.adam_eps >= 0:
+        fail(f"--adam_eps must be >= 0, got {cfg.adam_eps}")
     if cfg.mask_batches < 0 or cfg.mask_batch_size <= 0:
         fail(f"--mask_batches must be >= 0 and --mask_batch_size > 0, got {cfg.mask_batches} and {cfg.mask_batch_size}")
 
 
 def masks_settings(objective: str, strategy: str, density: float, batches: int, batch_size: int, max_length: int,
-                   targets: Sequence[str], seed: int) -> dict:
-    """What a mask depends on besides the model and the rows (recorded in masks.json)."""
+                   targets: Sequence[str], seed: int, masked: str, chat_template: bool) -> dict:
+    """What a mask depends on besides the model and the rows (recorded in masks.json): among them
+    what is masked and the prompt format the rows were encoded in (the gradients differ)."""
     return {"objective": objective, "strategy": strategy, "density": density, "batches": batches,
-            "batch_size": batch_size, "max_length": max_length, "targets": sorted(targets), "seed": seed}
+            "batch_size": batch_size, "max_length": max_length, "targets": sorted(targets), "seed": seed,
+            "masked": masked, "chat_template": bool(chat_template)}
 
 
 def check_masks_match(folder: Path, meta: dict, wanted: dict) -> None:
-    """Masks given to a run must have been built with the run's strategy, density, objective and
-    targets (the number of batches and the batch size may differ)."""
-    for key in ("objective", "strategy", "density", "targets"):
+    """Masks given to a run must have been built with the run's strategy, density, objective,
+    targets, masked parameters and prompt format (the number of batches and the batch size may differ)."""
+    for key in ("objective", "strategy", "density", "targets", "masked", "chat_template"):
         saved = meta.get(key)
         if key == "targets" and saved is not None:
             saved = sorted(saved)
@@ -440,28 +490,29 @@ def compute_task_masks(model: torch.nn.Module, encoded: Sequence[list[dict]], ta
                        settings: dict) -> dict[str, dict[str, torch.Tensor]]:
     """Masks of every task, all on the model as given (the base model)."""
     return {name: gradient_masks(model, mask_batches(rows, pad_id, settings["batch_size"], settings["batches"]),
-                                 settings["strategy"], settings["density"], settings["targets"], settings["seed"], name)
+                                 settings["strategy"], settings["density"], settings["targets"], settings["seed"], name,
+                                 settings["masked"])
             for name, rows in zip(task_names, encoded)}
 
 
 def build(model: torch.nn.Module, cfg, ctx) -> torch.nn.Module:
-    """Full-weight model: every target matrix trainable (updated on its task's mask only); the
-    other parameters trained densely or frozen by --dense (all: norms and the tied embedding /
-    LM head, as the authors' code; norms: 1-D parameters only; none: the masked entries are the
-    only numbers that change). Finds (or computes) a mask for every task of the sequence and
-    checks it was built for this model with this run's settings, before any training."""
+    """Full-weight model: every masked parameter trainable (--masked all: everything but the
+    embedding / LM head, as the authors' code; matrices: the target linears), updated on its task's
+    mask only; the unmasked parameters trained densely or frozen by --dense (all: every one, i.e.
+    the tied embedding / LM head as the authors' code, plus the norms under --masked matrices;
+    norms: unmasked 1-D parameters only; none: the masked entries are the only numbers that
+    change). Finds (or computes) a mask for every task of the sequence and checks it was built
+    for this model with this run's settings, before any training."""
     from accelerate import PartialState
 
     check_method_settings(cfg)
     objective = cfg.objective
-    if bool(cfg.chat_template) != (objective == "sft"):
-        fail(f"--chat_template {cfg.chat_template} does not fit CIMEO's {objective} form: the SFT form "
-             "(--objective sft) trains through the chat template, the pretraining form (--objective pretrain) on plain text")
-    weights = target_weights(model, cfg.target_modules)
-    fingerprint = model_fingerprint(model, cfg.target_modules)
+    encoder_for(objective, cfg.chat_template)
+    weights = masked_parameters(model, cfg.target_modules, cfg.masked)
+    fingerprint = model_fingerprint(model, cfg.target_modules, cfg.masked)
     tasks = [t.name for t in ctx.tasks]
     wanted = masks_settings(objective, cfg.strategy, cfg.density, cfg.mask_batches, cfg.mask_batch_size, cfg.max_length,
-                            cfg.target_modules, cfg.seed)
+                            cfg.target_modules, cfg.seed, cfg.masked, cfg.chat_template)
     # the decompose stage's masks (models/init/<row>-<sequence>/model/cimeo_masks), or masks saved
     # beside a model folder
     beside_model = (Path(cfg.init) / "model" if cfg.init else Path(cfg.base_model)) / MASKS_IN_MODEL
@@ -496,10 +547,10 @@ def build(model: torch.nn.Module, cfg, ctx) -> torch.nn.Module:
 
 
 def optimizer(model: torch.nn.Module, cfg, ctx) -> SparseAdamW:
-    """SparseAdamW for task ``ctx.task_index``: its mask on every target matrix, dense AdamW on the
-    other trainable parameters (no decay on 1-D ones)."""
+    """SparseAdamW for task ``ctx.task_index``: its mask on every masked parameter, dense AdamW on
+    the other trainable parameters (no decay on 1-D ones); eps --adam_eps (the authors' 1e-5)."""
     task = ctx.tasks[ctx.task_index].name
-    weights = target_weights(model, cfg.target_modules)
+    weights = masked_parameters(model, cfg.target_modules, cfg.masked)
     masks = load_task_masks(ctx.cimeo["folder"], task, {n: w.shape for n, w in weights.items()}, ctx.cimeo["fingerprint"])
     masked = {id(w) for w in weights.values()}
     decay, no_decay = [], []
@@ -508,19 +559,32 @@ def optimizer(model: torch.nn.Module, cfg, ctx) -> SparseAdamW:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return SparseAdamW([g for g in groups if g["params"]], masks={weights[n]: idx for n, idx in masks.items()
-                                                                  if id(weights[n]) in masked}, lr=cfg.lr)
+                                                                  if id(weights[n]) in masked}, lr=cfg.lr, eps=cfg.adam_eps)
+
+
+def trainable(model: torch.nn.Module, cfg, ctx) -> int:
+    """The numbers a CIMEO run can change over its sequence: the union of its tasks' masked
+    entries (what any task's SparseAdamW may touch) plus every parameter trained densely."""
+    weights = masked_parameters(model, cfg.target_modules, cfg.masked)
+    touched = {name: torch.zeros(w.numel(), dtype=torch.bool) for name, w in weights.items()}
+    for task in ctx.tasks:
+        for name, index in load_task_masks(ctx.cimeo["folder"], task.name).items():
+            touched[name][index] = True
+    masked = {id(w) for w in weights.values()}
+    dense = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in masked)
+    return sum(int(flags.sum()) for flags in touched.values()) + dense
 
 
 def make_method(doc: str, settings: type):
     """The Method of methods/cimeo4sft.py: its params section's ``objective`` picks the form, sft
-    (chat template, loss on the answer) or pretrain (every token of the plain text)."""
+    (loss on the answer, in the sequence's prompt format) or pretrain (every token of the plain text)."""
     from stages.core.sft import Method
 
     def encoder(cfg):
         check_method_settings(cfg)
-        return ENCODERS[cfg.objective]
+        return encoder_for(cfg.objective, cfg.chat_template)
 
-    return Method("cimeo", build, optimizer=optimizer, doc=doc, encoder=encoder, settings=settings)
+    return Method("cimeo", build, optimizer=optimizer, doc=doc, encoder=encoder, settings=settings, trainable=trainable)
 
 
 # ----------------------------------------------------------------------------- overlap
@@ -550,6 +614,8 @@ def layer_overlap(mask_a, mask_b) -> dict[int, float]:
     """|I_a ∩ I_b| / |I_a| per decoder layer (all target matrices of the layer together)."""
     sums: dict[int, list[int]] = {}
     for name, (inter, size) in weight_overlaps(mask_a, mask_b).items():
+        if layer_index(name) is None:  # the final norm belongs to no layer
+            continue
         acc = sums.setdefault(layer_of(name), [0, 0])
         acc[0] += inter
         acc[1] += size
@@ -579,6 +645,8 @@ def mean_layer_overlap(masks: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[
     for a, b in itertools.combinations(tasks, 2):
         sums: dict[int, list[int]] = {}
         for name, (inter, size_a) in weight_overlaps(masks[a], masks[b]).items():
+            if layer_index(name) is None:
+                continue
             acc = sums.setdefault(layer_of(name), [0, 0, 0])
             acc[0] += inter
             acc[1] += size_a
@@ -662,10 +730,10 @@ def write_report(out_dir: str | Path, stem: str, markdown: str, figure, data: di
 
 
 __all__ = [
-    "DEFAULT_TARGETS", "STRATEGIES", "OBJECTIVES", "DENSE_CHOICES", "ENCODERS", "encode_chat", "encode_pretrain",
-    "target_weights", "layer_of", "model_fingerprint", "keep_count", "random_masks", "select_frequent",
+    "DEFAULT_TARGETS", "STRATEGIES", "OBJECTIVES", "DENSE_CHOICES", "encoder_for", "encode_chat", "encode_pretrain",
+    "target_weights", "masked_parameters", "MASKED_CHOICES", "layer_index", "layer_of", "model_fingerprint", "keep_count", "random_masks", "select_frequent",
     "GradientCounter", "gradient_masks", "mask_batches", "save_masks", "read_masks_meta", "load_task_masks",
     "load_all_masks", "SparseAdamW", "set_overlap", "weight_overlaps", "overall_overlap", "layer_overlap",
     "overlap_matrix", "mean_layer_overlap", "principal_angles", "subspace_metrics", "write_report",
-    "build", "optimizer", "make_method", "MASKS_IN_MODEL", "masks_settings", "compute_task_masks",
+    "build", "optimizer", "trainable", "make_method", "MASKS_IN_MODEL", "masks_settings", "compute_task_masks",
 ]

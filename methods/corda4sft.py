@@ -2,8 +2,10 @@
 
 Update rule: for every target linear layer W (out x in), C = mean XᵀX over calibration samples
 of a context; SVD(W·C) = U Σ Vᵀ, so W = [U Σ Vᵀ C⁻¹] (C damped: + d·mean(diag C)·I until it
-inverts safely). KPA, knowledge-preserved adaptation (peft "kpm"; calibrated on a knowledge QA
-task's questions), puts the r SMALLEST components in the trainable adapter,
+inverts safely). KPA, knowledge-preserved adaptation (peft "kpm"; calibrated on the questions
+of a knowledge QA task that is never trained on, whose test rows then measure how much of that
+knowledge survives: params knowledge_qa, the default table's held-out column), puts the r
+SMALLEST components in the trainable adapter,
 B = U_r Σ_r^½, A = Σ_r^½ (Vᵀ C⁻¹)_r, and freezes the rest, keeping the directions the world
 knowledge context uses most; IPA, instruction-previewed adaptation (peft "ipm", --first_eigen;
 calibrated on the fine-tuning task), puts the r LARGEST. The frozen base is the residual

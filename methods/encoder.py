@@ -9,9 +9,11 @@ trainable-parameter count. Methods (``kind``):
 * ``full``     every weight (full fine-tuning);
 * ``lora``     peft LoRA (task_type SEQ_CLS: the head trains too);
 * ``loretta``  methods/loretta.py on the encoder: ``loretta_rep`` (LoRA with tensor-train A, B),
-               ``loretta_adp`` (tensor-train bottleneck adapters after attention and FFN, norms
-               trainable) and, with ``tt_rank`` 0, the same layers dense (the ``adapters`` row:
-               Houlsby bottleneck adapters).
+               ``loretta_adp`` (tensor-train bottleneck adapters after attention and FFN) and, with
+               ``tt_rank`` 0, the same layers dense (the ``adapters`` row: Houlsby bottleneck
+               adapters); in both forms every LayerNorm trains too, as the reference code marks
+               them on its BERT path (loretta_rep's mark_lora_layernorm_cls_trainable: every
+               parameter named "Norm"; its adapters the same).
 The classification head trains in every method (peft's SEQ_CLS does the same for LoRA).
 """
 
@@ -66,9 +68,11 @@ def apply_method(model: torch.nn.Module, settings: dict) -> torch.nn.Module:
 
         config = loretta.check_config({key: settings[key] for key in loretta.CONFIG_KEYS})
         model = loretta.attach(model, config)
-        head = head_names(model)
-        for name, param in model.named_parameters():  # the new head trains in every form
-            if name in head:
+        # the new head, and the LayerNorms in both forms (the reference's encoder path; attach
+        # already trains them for loretta_adp)
+        trained = head_names(model) | loretta.norm_parameter_names(model)
+        for name, param in model.named_parameters():
+            if name in trained:
                 param.requires_grad_(True)
         return model
     fail(f"encoder method kind {kind!r} is not valid: expected one of {', '.join(KINDS)}")
@@ -92,9 +96,9 @@ def train_and_score(source: str, task: str, settings: dict, *, steps: int, batch
         fail(f"task '{task}' does not have the same choices in every row: a classification head needs a fixed label set")
     set_seed(seed)
     model, tokenizer = load_classifier(source, len(choices), seed)
+    total = sum(p.numel() for p in model.parameters())  # the encoder with its new head, before the method adds anything
     model = apply_method(model, settings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=steps, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=64, learning_rate=settings["lr"], weight_decay=settings.get("weight_decay", 0.0),

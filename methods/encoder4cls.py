@@ -4,9 +4,9 @@ on the MiniLM-L6 encoder of the encoder table.
 Update rule: the encoder gets a new classification head over the task's choices and, by --kind,
 trains every weight (full), a peft LoRA on --target_modules (h = W0·x + (alpha/r)·B·A·x), or
 LoRETTA's tensor-train layers (methods/loretta.py: loretta_rep, LoRA whose A and B are tensor
-trains; loretta_adp, tensor-train bottleneck adapters after attention and after the FFN with the
-norms trainable; tt_rank 0 makes them dense, plain Houlsby adapters). The head trains in every
-kind. AdamW with a linear schedule, --steps_per_task steps of --batch_size rows (transformers'
+trains; loretta_adp, tensor-train bottleneck adapters after attention and after the FFN; tt_rank
+0 makes them dense, plain Houlsby adapters), with the LayerNorms trainable in both forms as the
+reference's encoder path marks them. The head trains in every kind. AdamW with a linear schedule, --steps_per_task steps of --batch_size rows (transformers'
 Trainer, methods/encoder.py); the score is test accuracy.
 
     python methods/encoder4cls.py --method enc_loretta_rep --sequence sst2_cls --base_model models/encoder
@@ -74,14 +74,18 @@ def main(argv=None) -> None:
     if len(cfg.tasks) != 1:
         fail(f"sequence '{cfg.sequence}' has {len(cfg.tasks)} tasks: the encoder table classifies one task")
     task = cfg.tasks[0]
+    if cfg.held_out:
+        fail(f"sequence '{cfg.sequence}' has held-out tasks: an encoder row's classifier is trained for its one task only")
     with tempfile.TemporaryDirectory(prefix="adaptlab-encoder-") as work:
         row = encoder.train_and_score(cfg.base_model, task, vars(cfg), steps=cfg.steps_per_task, batch_size=cfg.batch_size,
                               max_length=cfg.max_length, seed=cfg.seed, tasks_dir=cfg.tasks_dir, work_dir=work)
     score = row["accuracy"]
     summary = {"method": cfg.method, "sequence": cfg.sequence, "seed": cfg.seed, "tasks": [task],
+               "chat_template": False,  # the classifier reads the plain prompt
                "trainable_params": row["trainable_params"], "total_params": row["total_params"],
                "peak_memory_mb": round(peak_memory_mb(), 1), "step_time_s": row["step_time_s"],
-               "AP": score, "BWT": None, "final": {task: score}, "matrix": {f"after_{task}": {task: score}}}
+               "AP": score, "BWT": None, "final": {task: score}, "held_out": {},
+               "matrix": {f"after_{task}": {task: score}}}
     with atomic_dir(cfg.output_dir) as out:
         row["model"].save_pretrained(out / "final")
         atomic_write_json(out / "train_config.json", {k: v for k, v in vars(cfg).items()})

@@ -10,8 +10,13 @@ down) on task t of a sequence of T:
   Kaiming) and B_t (out x r, zero), is trained with AdamW at ``lora_lr``.
 * Full weights, GaLore-style, in the same step: with G' = Gᵀ (in x out, W's gradient seen from
   its inputs) every ``update_proj_gap`` steps Q (rank x in) = the top singular vectors of G'
-  (``projection.randomized_svd``); Adam runs on R = Q·G' and W -= lr·scale·(Qᵀ·Adam(R))ᵀ. As in
-  GaLore, the moments are not rotated when Q changes.
+  (``projection.randomized_svd``); Adam runs on R = Q·G' and W -= lr·scale·(Qᵀ·Adam(R))ᵀ. The
+  moments live in Q's coordinates, so when Q is refreshed they are moved into the new subspace
+  with T = Q_new·Q_oldᵀ: m <- T·m (the old first moment Q_oldᵀ·m, a matrix of W's gradient space,
+  projected onto the new subspace) and v <- (T∘T)·v (never negative). GaLore's reference code
+  keeps them as they are, which reads the old subspace's moments as coordinates of the new one;
+  with a refresh every 10 steps and 16 steps per task, the basis grown from the first moment at
+  the task's end would mix the two subspaces.
 * Shared gradient space: each layer keeps an orthonormal basis M (in x k) of input directions.
   At the end of a task (its last optimizer step) W's first moment, mapped to the full space as
   Qᵀ·m (in x out), extends M: the part of it outside M is decomposed (SVD) and its leading left
@@ -233,7 +238,8 @@ class GorpAdamW(torch.optim.Optimizer):
     """GORP's optimizer for one task (the Trainer builds one per task): three param groups,
 
     * ``full``: the target layers' W, GaLore-projected Adam on the complement of M
-      (lr·scale; no weight decay: decaying W would pull it along M too);
+      (lr·scale; no weight decay: decaying W would pull it along M too), its moments moved into
+      each new subspace at a refresh (m <- T·m, v <- (T∘T)·v, T = Q_new·Q_oldᵀ);
     * ``constrained``: task t's A, AdamW on the gradient with its M component removed (input
       coordinates), the step projected again after Adam's elementwise normalisation;
     * ``free``: task t's B, plain AdamW;
@@ -296,12 +302,18 @@ class GorpAdamW(torch.optim.Optimizer):
         basis = layer.used_basis()
         grad = project_out(p.grad.float().T, basis)  # in x out: W's gradient seen from its inputs
         if "Q" not in state or state["age"] >= group["update_proj_gap"]:
-            state["Q"] = orthogonal_subspace(grad, basis, group["rank"], seed)
-            state["age"] = 0
-            if "exp_avg" not in state:
+            q = orthogonal_subspace(grad, basis, group["rank"], seed)
+            if "exp_avg" in state:
+                # The moments are coordinates in the old subspace: move them into the new one, so
+                # that Qᵀ·m (what the basis grows from) is always a moment of one subspace.
+                transfer = q @ state["Q"].T  # rank_new x rank_old
+                state["exp_avg"] = transfer @ state["exp_avg"]
+                state["exp_avg_sq"] = transfer.square() @ state["exp_avg_sq"]
+            else:
                 state["step"] = 0
-                state["exp_avg"] = grad.new_zeros(state["Q"].shape[0], grad.shape[1])
+                state["exp_avg"] = grad.new_zeros(q.shape[0], grad.shape[1])
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            state["Q"], state["age"] = q, 0
         state["age"] += 1
         direction = state["Q"].T @ AdaRankGrad._adam(state, state["Q"] @ grad, group)
         p.add_(direction.T.to(p.dtype), alpha=-group["lr"] * group["scale"])
@@ -341,6 +353,15 @@ class GorpAdamW(torch.optim.Optimizer):
         return grown
 
 
+def trained_numbers(model: torch.nn.Module, train_weights: bool) -> int:
+    """The numbers a run over the whole sequence trains: every task's LoRA (A_t, B_t; each trains
+    on its task) and, for GORP (``train_weights``), the target layers' weights W. The bases are
+    derived from W's moments, not trained; the base model's other weights stay frozen."""
+    layers = gorp_layers(model)
+    loras = sum(p.numel() for layer in layers for p in (*layer.lora_A, *layer.lora_B))
+    return loras + (sum(layer.weight.numel() for layer in layers) if train_weights else 0)
+
+
 def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain transformers model computing what ``model`` computes: a copy in which every
     GorpLinear is an nn.Linear holding W + (α/r)·Σ B_i·A_i."""
@@ -369,4 +390,4 @@ def export_folded(model: torch.nn.Module, path) -> None:
 
 
 __all__ = ["GorpAdamW", "GorpLinear", "activate", "attach", "check_settings", "export_folded", "gorp_layers",
-           "grow_basis", "orthogonal_subspace", "plain_copy", "project_out"]
+           "grow_basis", "orthogonal_subspace", "plain_copy", "project_out", "trained_numbers"]

@@ -7,7 +7,9 @@ trains with AdamW at lora_lr; in the same step W trains GaLore-style on its inpu
 G' = Gᵀ (in x out) with the shared subspace M (in x k, input directions) removed,
 G' <- G' - M·Mᵀ·G'; every update_proj_gap steps Q = top-`rank` singular vectors of G'
 (orthogonal to M); Adam on Q·G' and
-    W -= lr·scale·(Qᵀ·Adam(Q·G'))ᵀ.
+    W -= lr·scale·(Qᵀ·Adam(Q·G'))ᵀ,
+the moments moved into each new subspace at a refresh (m <- T·m, v <- (T∘T)·v, T = Q_new·Q_oldᵀ;
+our choice, where GaLore's code keeps them unmoved: the basis below is grown from them).
 A_t's gradient gets the same g - M·Mᵀ·g on its input side before its moments (and its step is
 projected again), so the layer's whole change on task t leaves the earlier tasks' input
 directions alone: Δ·M = 0. At the end of every task but the last, W's first moment Qᵀ·m
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy
+from methods.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy, trained_numbers
 from stages.core.errors import fail
 from stages.core.settings import LoraSettings, setting
 from stages.core.sft import Method, main
@@ -64,7 +66,8 @@ def optimizer(model, cfg, ctx):
 
 
 METHOD = Method("gorp", build, optimizer=optimizer, doc=__doc__, export=export_folded, merged=plain_copy,
-                settings=GorpSettings)
+                settings=GorpSettings,
+                trainable=lambda model, cfg, ctx: trained_numbers(model, train_weights=True))
 
 if __name__ == "__main__":
     main(METHOD)

@@ -11,7 +11,10 @@ TT cores of rank ``tt_rank`` (5). Two forms (``tuning_type``):
 * ``loretta_adp`` — a bottleneck adapter after attention (o_proj's output) and after the FFN
   (down_proj's output), on ``adapter_modules``:
       h ← h + s·Up(σ(Down(h)))      Down: d -> bottleneck, Up: bottleneck -> d, TT weights + biases
-  with every normalisation layer trainable too (the paper's Figure 2). σ is non-linear, so it
+  with every normalisation layer trainable too (the paper's Figure 2). On the encoder table
+  (methods/encoder.py) loretta_rep trains the LayerNorms too, as the reference's BERT path does
+  (it marks every parameter named "Norm"; on Llama that name matches none, so the decoder's
+  loretta_rep leaves the norms frozen, as there). σ is non-linear, so it
   cannot be folded into W: ``merge`` returns the model with the adapters kept (lm-eval scores it
   as it is) and ``foldable`` says so, so stages/merge.py writes base weights + adapter, which
   ``models.load_model`` attaches again.

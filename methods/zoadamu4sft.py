@@ -12,8 +12,11 @@ per parameter (noise regenerated from the step's seed, never stored):
 beta2_end) over T1..T2, then constant. T1, T2 are given as fractions of steps_per_task
 (anneal_start, anneal_end; the paper's (1024, 16000) of 20k steps is (0.05, 0.8)). The
 momentum m_{t−1} is a per-parameter state tensor (unlike MeZO); v is not carried over.
---tuning lora (default; paper: lr 1e-2, ε 1e-1, which diverge on SmolLM2-135M: lr 3e-4, ε 1e-2
-there) or --tuning full.
+--tuning lora (the zoadamu row; the ZO-AdaMU paper's LoRA setting lr 1e-2, ε 1e-1 diverges on
+SmolLM2-135M: lr 3e-4, ε 1e-2 there) or --tuning full (the zoadamu_full row: MeZO's full-weight
+ε 1e-3 and lr 3e-6). CIMEO's Table 1 compares against full-weight ZO-AdaMU: its seed's
+ZOAdamu4sft.py applies no adapter (lr 1e-5, cosine, Qwen2.5-1.5B); the CIMEO paper's own text is
+not public, so that script is the source. Its table (params tables.cognition) shows both rows.
 Optimizer: methods/zeroth_order.py ZOAdaMU; train step: zeroth_order_step.
 """
 

@@ -13,7 +13,8 @@ methods' imports; nothing in it is kept by hand:
   and ``code``: the method module and the method libraries it imports (methods/*.py, never
   stages/core), padded to a fixed number of slots, so a run depends on exactly the code it runs;
 * ``merged``: the runs of tables that score merged models (``merged: true``);
-* ``decompositions``: one per row with ``decompose:`` (per sequence task set if ``per_sequence``);
+* ``decompositions``: one per row with ``decompose:`` (per sequence task set and prompt format if
+  ``per_sequence``);
 * ``bases``: the sequences whose base-model line some table shows (``zero_shot``, the default);
 * ``collected``: what each table reads, one entry per (table, run) and (table, sequence) base
   line, so that a table's stage depends on exactly its own runs;
@@ -27,7 +28,7 @@ import ast
 import sys
 from pathlib import Path
 
-from stages.core.config import OneLineParser, check_keys, load_params, section, sequence_tasks
+from stages.core.config import OneLineParser, check_keys, load_params, section, sequence_settings, sequence_tasks
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_write_text
 
@@ -106,13 +107,22 @@ def check_table(name: str, table: dict, params: dict) -> None:
             fail(f"tables.{name}.{key} must be true or false, got {table[key]!r}")
 
 
+def chat_template_of(params: dict, sequence: str) -> bool:
+    """The prompt format of a sequence's runs: its chat_template, else train's."""
+    settings = {**(params.get("train") or {}), **sequence_settings(params, sequence)}
+    return bool(settings.get("chat_template", False))
+
+
 def decomposition_of(row: str, spec: dict, sequence: str, params: dict) -> tuple[str, str]:
-    """(models/init/<key>, the sequence it is built for): per row, or per row and task set
-    (sequences with the same tasks in another order, like GORP's orders, share the first one's)."""
+    """(models/init/<key>, the sequence it is built for): per row, or per row, task set and prompt
+    format (sequences with the same tasks in another order, like GORP's orders, share the first
+    one's; a sequence scored through the chat template encodes its rows, and so ranks its
+    gradients, differently from a plain one)."""
     if not spec.get("per_sequence"):
         return row, ""
-    tasks = sorted(sequence_tasks(params, sequence))
-    first = next(s for s in params["sequences"] if sorted(sequence_tasks(params, s)) == tasks)
+    tasks, chat = sorted(sequence_tasks(params, sequence)), chat_template_of(params, sequence)
+    first = next(s for s in params["sequences"]
+                 if sorted(sequence_tasks(params, s)) == tasks and chat_template_of(params, s) == chat)
     return f"{row}-{first}", first
 
 
@@ -143,6 +153,8 @@ def build_plan(params: dict, root: Path | None = None) -> dict:
                     start = f"models/init/{key}"
                     decompositions[key] = {
                         "row": row, "sequence": built_for,
+                        # what it reads besides methods.<row>: its sequence's tasks and settings, or the base model's
+                        "settings": f"sequences.{built_for}" if built_for else "base_model",
                         "code": slots(code_closure(str(decompose.get("script", "")), root), f"methods.{row}.decompose")}
                 code = slots(code_closure(script, root), f"methods.{row}")
                 for seed in table["seeds"]:

@@ -25,7 +25,7 @@ from stages.core.errors import AdaptlabError
 
 TARGETS = list(cimeo.DEFAULT_TARGETS)
 TINY_CIMEO = {"strategy": "max", "density": 0.1, "masks": "", "mask_batches": 2, "mask_batch_size": 8,
-              "dense": "none", "target_modules": TARGETS}
+              "masked": "all", "dense": "none", "adam_eps": 1e-5, "target_modules": TARGETS}
 
 
 def load_script(relative: str):
@@ -216,13 +216,20 @@ def test_masks_round_trip_through_the_builder(built_masks, project):
     meta = json.loads((built_masks / "masks.json").read_text())
     assert list(meta["tasks"]) == ["mc", "gen"] and meta["strategy"] == "max" and meta["objective"] == "pretrain"
     model, tokenizer = load_model(project / "models" / "base"), load_tokenizer(project / "models" / "base")
-    weights = cimeo.target_weights(model)
+    weights = cimeo.masked_parameters(model)
     shapes = {n: w.shape for n, w in weights.items()}
     loaded = cimeo.load_task_masks(built_masks, "mc", shapes, cimeo.model_fingerprint(model))
     rows = encode_rows(load_task("mc", project / "data" / "tasks").train, tokenizer, 64, "mc", cimeo.encode_pretrain)
     direct = cimeo.gradient_masks(model, cimeo.mask_batches(rows, tokenizer.pad_token_id, 8, 2), "max", 0.1)
     assert set(loaded) == set(weights) and all(torch.equal(loaded[n], direct[n]) for n in direct)
     assert all(loaded[n].numel() == cimeo.keep_count(weights[n].numel(), 0.1) for n in weights)
+    # As the authors' code: every parameter but the embedding / LM head is masked, the norms too,
+    # each to floor(0.1 x size) entries (int(0.1 * numel)).
+    hidden = model.config.hidden_size
+    assert "model.embed_tokens.weight" not in loaded and "lm_head.weight" not in loaded
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.q_proj.weight"} <= set(loaded)
+    assert loaded["model.norm.weight"].numel() == int(0.1 * hidden) == cimeo.keep_count(hidden, 0.1)
+    assert set(cimeo.masked_parameters(model, masked="matrices")) == set(cimeo.target_weights(model))
     with pytest.raises(AdaptlabError, match="another model"):
         cimeo.load_task_masks(built_masks, "mc", shapes, "0" * 20)
     with pytest.raises(AdaptlabError, match="no CIMEO mask for task 'nope'"):
@@ -245,8 +252,8 @@ def test_builder_rejects_bad_values_in_one_line(flag, value, message, project, t
 
 @pytest.fixture(scope="module")
 def cimeo_project(project):
-    methods = {"cimeo": dict(TINY_CIMEO, objective="sft", chat_template=True),
-               "cimeo_pretrain": dict(TINY_CIMEO, script="cimeo4sft.py", objective="pretrain", dense="all")}
+    methods = {"cimeo": dict(TINY_CIMEO, objective="sft"),
+               "cimeo_pretrain": dict(TINY_CIMEO, script="cimeo4sft.py", objective="pretrain", masked="matrices", dense="all")}
     write_params(project / "params_cimeo.yaml", tiny_params(methods=methods, sequences={"default": ["mc", "gen"]}))
     return project
 
@@ -267,16 +274,17 @@ def weights_of(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name, extra", [("cimeo", []), ("cimeo_pretrain", ["--masks", "BUILT"])])
-def test_trainer_learns_on_the_mask_and_nowhere_else(name, extra, cimeo_project, built_masks, monkeypatch):
+@pytest.mark.parametrize("name, extra", [("cimeo", ["--chat_template"]), ("cimeo_pretrain", ["--masks", "MATRICES"])])
+def test_trainer_learns_on_the_mask_and_nowhere_else(name, extra, cimeo_project, matrix_masks, monkeypatch):
     from stages.core.batches import response_loss
 
-    extra = [str(built_masks) if e == "BUILT" else e for e in extra]
+    extra = [str(matrix_masks) if e == "MATRICES" else e for e in extra]
     trainer = trainer_for(name, cimeo_project, monkeypatch, *extra)
     model, pad = trainer.unwrapped, trainer.tokenizer.pad_token_id
-    targets = cimeo.target_weights(model)
+    targets = cimeo.masked_parameters(model, TARGETS, trainer.cfg.masked)
+    assert ("model.norm.weight" in targets) == (trainer.cfg.masked == "all")
     folder = trainer.context.cimeo["folder"]
-    assert (Path(folder) == built_masks) == bool(extra)
+    assert (Path(folder) == matrix_masks) == (name == "cimeo_pretrain")
     for index in range(2):
         rows = trainer.encoded[index][:16]
         start, loss_before = weights_of(model), response_loss(model, rows, pad)
@@ -292,24 +300,65 @@ def test_trainer_learns_on_the_mask_and_nowhere_else(name, extra, cimeo_project,
             outside[masks[weight_name]] = False
             assert torch.equal(flat[outside], old[outside]), f"{weight_name} changed outside the mask of {task}"
             assert (flat[masks[weight_name]] != old[masks[weight_name]]).float().mean() > 0.5
-        embedding = "model.embed_tokens.weight"
-        changed = not torch.equal(weights_of(model)[embedding], start[embedding])
-        assert changed == (trainer.cfg.dense == "all")
+        now = weights_of(model)
+        for dense_name in ("model.embed_tokens.weight", "model.norm.weight"):
+            if dense_name not in targets:  # not masked: trained densely or frozen by --dense
+                assert (not torch.equal(now[dense_name], start[dense_name])) == (trainer.cfg.dense == "all"), dense_name
     # The two tasks' masks are different sets.
     assert cimeo.overall_overlap(cimeo.load_task_masks(folder, "mc"), cimeo.load_task_masks(folder, "gen")) < 0.9
+    # What the run can change: the union of the tasks' masked entries plus what trains densely,
+    # not every parameter that requires grad (the masked tensors do, whole).
+    union = sum(int(torch.unique(torch.cat([cimeo.load_task_masks(folder, t)[n] for t in ("mc", "gen")])).numel())
+                for n in targets)
+    dense = sum(p.numel() for n, p in model.named_parameters() if n not in targets and p.requires_grad)
+    assert trainer.trainable == union + dense < sum(p.numel() for p in model.parameters())
+    assert trainer.total == sum(p.numel() for p in model.parameters())
 
 
-def test_cimeo_forms_refuse_the_other_prompt_format(cimeo_project, built_masks, monkeypatch):
-    """The SFT form trains through the chat template, the pretraining form on plain text."""
-    with pytest.raises(AdaptlabError, match="does not fit CIMEO's sft form"):
-        trainer_for("cimeo", cimeo_project, monkeypatch, "--no-chat_template")
+@pytest.fixture(scope="module")
+def matrix_masks(project, tmp_path_factory):
+    """Masks of the pretraining form on the target matrices only (--masked matrices)."""
+    out = tmp_path_factory.mktemp("cimeo-matrix-masks") / "masks"
+    load_script("methods/build_cimeo_masks.py").main(
+        ["--params", str(project / "params.yaml"), "--model_id", str(project / "models" / "base"),
+         "--tasks_dir", str(project / "data" / "tasks"), "--sequence", "default", "--batches", "2",
+         "--batch_size", "8", "--objective", "pretrain", "--masked", "matrices", "--max_length", "64", "--out_dir", str(out)])
+    return out
+
+
+def test_sft_form_trains_in_the_sequence_prompt_format(cimeo_project, monkeypatch):
+    """The SFT form learns the answer in the run's prompt format, like every other row of its
+    table: the chat template's assistant turn on a chat sequence, the plain prompt's answer on a
+    plain one; the pretraining form (every token of the plain text) has no chat form."""
+    from stages.core.batches import IGNORE_INDEX
+
+    for flag, chat in (("--chat_template", True), ("--no-chat_template", False)):
+        trainer = trainer_for("cimeo", cimeo_project, monkeypatch, flag)
+        row, encoded = trainer.tasks[0].train[0], trainer.encoded[0][0]
+        text = trainer.tokenizer.decode(encoded["input_ids"])
+        assert ("<|im_start|>" in text) == chat and row["prompt"] in text
+        learned = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+        assert row["answer"] in trainer.tokenizer.decode(learned)
+        assert read_masks_setting(trainer, "chat_template") is chat  # the in-process masks were ranked on it
     with pytest.raises(AdaptlabError, match="does not fit CIMEO's pretrain form"):
         trainer_for("cimeo_pretrain", cimeo_project, monkeypatch, "--chat_template")
 
 
-def test_trainer_refuses_masks_of_another_objective(cimeo_project, built_masks, monkeypatch):
+def read_masks_setting(trainer, key: str):
+    return cimeo.read_masks_meta(trainer.context.cimeo["folder"])[key]
+
+
+def test_trainer_refuses_masks_of_another_objective_format_or_set(cimeo_project, built_masks, matrix_masks, monkeypatch):
     with pytest.raises(AdaptlabError, match="objective pretrain but this run uses sft"):
         trainer_for("cimeo", cimeo_project, monkeypatch, "--masks", str(built_masks))
+    with pytest.raises(AdaptlabError, match="masked matrices but this run uses all"):
+        trainer_for("cimeo_pretrain", cimeo_project, monkeypatch, "--masked", "all", "--masks", str(matrix_masks))
+    chat_masks = built_masks.parent / "chat"
+    load_script("methods/build_cimeo_masks.py").main(
+        ["--params", str(cimeo_project / "params_cimeo.yaml"), "--method", "cimeo", "--model_id", str(cimeo_project / "models" / "base"),
+         "--tasks_dir", str(cimeo_project / "data" / "tasks"), "--sequence", "default", "--chat_template", "--out_dir", str(chat_masks)])
+    with pytest.raises(AdaptlabError, match="chat_template True but this run uses False"):
+        trainer_for("cimeo", cimeo_project, monkeypatch, "--no-chat_template", "--masks", str(chat_masks))
 
 
 # ----------------------------------------------------------------------------- analyses

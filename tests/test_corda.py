@@ -322,6 +322,33 @@ def test_full_decompose_writes_three_curves(corda_project, hamlet, tmp_path, mon
     assert (out / "full_decompose.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_full_decompose_covariance_scales_each_sample_by_its_maximum(corda_project, hamlet, monkeypatch):
+    """The comparison's CorDA covariance is the reference's (calib_cov_distribution, as build mode
+    and peft): every calibration window's inputs divided by their own maximum before XᵀX, also
+    when windows are batched; ASVD's mean|x| stays over the raw inputs."""
+    monkeypatch.chdir(corda_project)
+    monkeypatch.setenv("ADAPTLAB_PACKAGE_CACHE", str(hamlet))
+    args = bc.parse_args(FULL + ["--cov_aware", "--r", "0"])
+    bc.check_args(args)
+    model, tokenizer = load_model("models/base"), load_tokenizer("models/base")
+    layers = bc.target_layers(model, TARGETS)
+    samples = bc.calibration_samples(args, tokenizer, reserve=4 * 32)
+    assert len(samples) >= 4 and len({len(s) for s in samples}) == 1  # equal windows: batched below
+    stats = bc.collect_stats(model, layers, samples, batch_size=2)
+    for name in layers:  # float32 products against float64 ones: a tolerance on the matrix's scale
+        expected = own_covariance(model, name, samples)
+        torch.testing.assert_close(stats[name].covariance, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    single = bc.corda_covariance(model, layers, samples)
+    torch.testing.assert_close(stats[LAYER].covariance.float(), single[LAYER], rtol=1e-4, atol=1e-6)
+    raw = []
+    handle = dict(model.named_modules())[LAYER].register_forward_hook(lambda m, i, o: raw.append(i[0][0].double()))
+    with torch.no_grad():
+        for ids in samples:
+            model(input_ids=torch.tensor([ids]))
+    handle.remove()
+    torch.testing.assert_close(stats[LAYER].mean_abs, torch.cat(raw).abs().mean(0), rtol=1e-6, atol=1e-9)
+
+
 def test_each_decomposition_is_optimal_in_its_own_metric(corda_project, hamlet, monkeypatch):
     """Eckart–Young, per variant: plain SVD minimises ‖W − Ŵ‖, ASVD ‖(W − Ŵ)S‖, CorDA ‖(W − Ŵ)C‖
     over rank-(n − r) Ŵ; r = 0 reconstructs W; plain SVD's error grows with r."""

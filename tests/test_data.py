@@ -43,6 +43,15 @@ MATH_TASK = {
                   "target_scores": {str(n + 2): 1, str(n + 3): 0}} for n in range(29)]
                 + [{"input": "What is 5 plus five?", "target": ["10", "ten"]}],
 }
+# Wikidata-style facts (qa_wikidata's form): two relations with enough objects, one with too few,
+# and a prompt outside every relation.
+WIKIDATA_EXAMPLES = ([{"input": f"The capital of Country{i} is", "target": f"City{i}"} for i in range(8)]
+                     + [{"input": f"The colour of Fruit{i} is", "target": colour}
+                        for i, colour in enumerate(["red", "yellow", "green", "purple", "Red", "orange"])]
+                     + [{"input": f"The sport of Player{i} is", "target": sport} for i, sport in enumerate(["golf", "chess"])]
+                     + [{"input": "Paris is", "target": "French"}])
+WIKIDATA = {"source": "bigbench", "subtask": "toy_wikidata", "kind": "multiple_choice", "distractors": 3,
+            "distractor_group": "^(.*?) of ", "train_size": 9, "test_size": 4}
 FACTS = {"source": "bigbench", "subtask": "toy_facts", "train_size": 10, "test_size": 5}
 MATH = {"source": "bigbench", "subtask": "toy_math/addition", "kind": "generate", "train_size": 10, "test_size": 5}
 
@@ -70,6 +79,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     with tarfile.open(cache / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
         _tar_add(tar, "bigbench-1.0.0/setup.py", b"")
         _tar_add(tar, prefix + "toy_facts/task.json", json.dumps({"name": "toy_facts", "examples": FACT_EXAMPLES}).encode())
+        _tar_add(tar, prefix + "toy_wikidata/task.json",
+                 json.dumps({"name": "toy_wikidata", "example_input_prefix": "\n", "example_output_prefix": " ",
+                             "examples": WIKIDATA_EXAMPLES}).encode())
         _tar_add(tar, prefix + "toy_math/task.json", json.dumps({"name": "toy_math", "subtasks": ["addition"]}).encode())
         _tar_add(tar, prefix + "toy_math/addition/task.json", json.dumps(MATH_TASK).encode())
     monkeypatch.setenv("ADAPTLAB_PACKAGE_CACHE", str(cache))
@@ -156,6 +168,25 @@ def test_bigbench_generate(cache):
     train, test, meta = build_task("math", {**MATH, "kind": None}, seed=0)
     assert meta["kind"] == "multiple_choice" and meta["dropped"] == {"no target_scores": 1}
     assert all("\n  choice: " in row["prompt"] and len(row["choices"]) == 2 for row in train + test)
+
+
+def test_bigbench_generation_as_multiple_choice_with_distractors(cache):
+    """distractors: each fact's object against 3 objects of the same relation (distractor_group),
+    sorted; answers differing in case count once; a relation with too few objects, or a prompt
+    outside every relation, is dropped; the draw is the split seed's."""
+    train, test, meta = build_task("wiki", WIKIDATA, seed=0)
+    assert meta["kind"] == "multiple_choice" and meta["n_train"] + meta["n_test"] == 13
+    assert meta["dropped"] == {"too few other answers in its distractor group": 2, "prompt outside every distractor group": 1}
+    capitals, colours = {f"City{i}" for i in range(8)}, {"red", "yellow", "green", "purple", "orange"}
+    for row in train + test:
+        validate_row(row, "row", "multiple_choice")
+        assert len(row["choices"]) == 4 and row["choices"] == sorted(row["choices"]) and row["choices"][row["label"]] == row["answer"]
+        pool = capitals if row["prompt"].startswith("The capital of") else colours | {"Red"}
+        assert set(row["choices"]) <= pool and len({c.lower() for c in row["choices"]}) == 4
+    assert build_task("wiki", WIKIDATA, seed=0)[0] == train and build_task("wiki", WIKIDATA, seed=1)[0] != train
+    assert "distractors must be a positive integer" in _error(build_task, "wiki", {**WIKIDATA, "distractors": 0}, seed=0)
+    assert "is not a regular expression" in _error(build_task, "wiki", {**WIKIDATA, "distractor_group": "("}, seed=0)
+    assert "kind is generate" in _error(build_task, "wiki", {**WIKIDATA, "kind": "generate"}, seed=0)
 
 
 def test_build_tasks_reads_the_bigbench_archive_once(cache, monkeypatch):
@@ -303,6 +334,8 @@ def test_unknown_task_and_sequence(tmp_path):
     assert message.startswith("unknown task 'xyz': expected one of none") and "fetch_data" in message
     params = {"tasks": {"sst2": SST2, "facts": FACTS}, "sequences": {"default": ["sst2", "xyz"]}}
     assert _error(task_specs, params) == "sequence 'default' names unknown task 'xyz': expected one of sst2, facts"
+    held_out = {**params, "sequences": {"default": {"tasks": ["sst2"], "held_out": ["xyz"]}}}
+    assert _error(task_specs, held_out) == "sequence 'default' names unknown task 'xyz': expected one of sst2, facts"
     assert list(task_specs({**params, "sequences": {}}, ["facts"])) == ["facts"]
 
 

@@ -35,6 +35,7 @@ from test_methods import load_method
 
 from methods.gorp import (
     GorpAdamW,
+    GorpLinear,
     activate,
     attach,
     gorp_layers,
@@ -145,6 +146,39 @@ def test_galore_subspace_is_orthogonal_to_the_basis(gradient_rank):
     torch.testing.assert_close(rows @ rows.T, torch.eye(len(rows)), atol=1e-5, rtol=0)
     top = torch.linalg.svd(grad.double(), full_matrices=False).U[:, :min(6, gradient_rank)].float()
     torch.testing.assert_close(q.T @ (q @ top), top, atol=1e-3, rtol=0)  # Q spans the top directions
+
+
+def test_first_moment_is_carried_into_each_new_subspace():
+    """W's first moment m is kept in the coordinates of the current projection Q. At a refresh it
+    is moved into the new subspace, so Qᵀ·m, what the basis grows from at the task's end, is a
+    moment of W's gradient in one subspace: the average of the projected gradients in which each
+    refresh projects the average so far onto the new subspace. Read unmoved in the new
+    coordinates, the old subspace's moment lands on the new directions (the bug this replaces)."""
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    layer = GorpLinear(torch.nn.Linear(6, 4, bias=False), n_tasks=2, r=2, lora_alpha=2.0, lora_dropout=0.0, capacity=1)
+    steps, gap, beta1 = 6, 2, 0.9
+    opt = GorpAdamW([layer], 0, lr=1e-3, lora_lr=1e-3, rank=1, update_proj_gap=gap, scale=1.0, energy=1.0,
+                    steps_per_task=steps, grow_bases=True, seed=0)
+    # rank-1 gradients whose input direction changes at every refresh (steps 1-2, 3-4, 5-6)
+    inputs = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(steps // gap)]
+    reference = torch.zeros(6, 4, dtype=torch.float64)  # m in W's gradient space (in x out), projected at refreshes
+    for t in range(steps):
+        direction = inputs[t // gap] / inputs[t // gap].norm()
+        grad_t = torch.outer(direction, torch.randn(4, generator=g, dtype=torch.float64))  # G' = Gᵀ (in x out)
+        layer.weight.grad = grad_t.T.float()
+        opt.step()
+        q = opt.state[layer.weight]["Q"].double()  # rank 1: the gradient's own input direction
+        torch.testing.assert_close(q.T @ q, torch.outer(direction, direction), atol=1e-5, rtol=0)
+        if t % gap == 0 and t:  # a refresh: the moment so far, projected onto the new subspace
+            reference = q.T @ (q @ reference)
+        reference = beta1 * reference + (1 - beta1) * grad_t
+        moment = q.T @ opt.state[layer.weight]["exp_avg"].double()
+        torch.testing.assert_close(moment, reference, atol=1e-5, rtol=1e-4)
+    # The basis grown at the task's end is the moment's own direction (the last subspace's).
+    grown = layer.used_basis().double()
+    assert grown.shape[1] == 1
+    torch.testing.assert_close((grown @ grown.T) @ reference, reference, atol=1e-5, rtol=1e-4)
 
 
 def test_basis_grows_by_the_fewest_directions_that_hold_the_energy():
@@ -286,9 +320,13 @@ def test_killed_run_resumes_with_the_weights_of_an_uninterrupted_one(gorp_projec
     assert not torch.allclose(expected, logits(load_model("models/base"), batch))
     merged = merge("models/base", str(final), str(gorp_project / "merged" / "gorp"))
     torch.testing.assert_close(logits(load_model(merged), batch), expected, atol=1e-5, rtol=1e-5)
+    # What the run trains, over its whole sequence: W and every task's LoRA (not the bases), over
+    # the base model's size (not the model with the LoRAs and bases GORP pre-allocates).
     layers = gorp_layers(reference.unwrapped)
-    trainable = sum(layer.weight.numel() + layer.lora_A[1].numel() + layer.lora_B[1].numel() for layer in layers)
-    assert metrics[1]["trainable_params"] == trainable
+    trainable = sum(layer.weight.numel() + sum(a.numel() + b.numel() for a, b in zip(layer.lora_A, layer.lora_B))
+                    for layer in layers)
+    assert len(layers[0].lora_A) == 2 and metrics[1]["trainable_params"] == trainable
+    assert metrics[1]["total_params"] == sum(p.numel() for p in load_model("models/base").parameters())
 
 
 def forgetting(method, tag: str, *flags: str) -> tuple[float, float, float]:
@@ -434,6 +472,12 @@ def test_o_lora_keeps_the_new_lora_orthogonal_and_w_frozen(gorp_project, monkeyp
     for layer, before in zip(gorp_layers(orthogonal.unwrapped), weights):
         assert torch.equal(layer.weight, before)  # W0 never trains (same seed: same start)
         assert not layer.lora_A[0].requires_grad and layer.lora_A[1].requires_grad
+    # Trained over the run: every task's LoRA, over the base model's size (not its padded bases).
+    from stages.core.models import load_model
+
+    layers = gorp_layers(orthogonal.unwrapped)
+    assert orthogonal.trainable == sum(p.numel() for layer in layers for p in (*layer.lora_A, *layer.lora_B))
+    assert orthogonal.total == sum(p.numel() for p in load_model("models/base").parameters())
     *_, batch = probe_batch(gorp_project)
     folded = plain_copy(orthogonal.unwrapped)
     assert torch.allclose(logits(folded, batch), logits(orthogonal.unwrapped, batch), atol=1e-4)

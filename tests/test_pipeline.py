@@ -207,12 +207,12 @@ def changed_stages(status: str) -> set[str]:
 
 
 # The tiny project's tables: `quick` is a subset of `main` (its one run is main's seed-0 LoRA run),
-# `chat` trains CIMEO (its masks from a decompose stage, shared with any sequence of the same tasks)
+# `chat` trains CIMEO (its masks from a decompose stage, shared with any sequence of the same tasks and prompt format)
 # and LoRA on a chat-template sequence given
 # as a mapping, `enc` the encoder rows (build_encoder + methods/encoder4cls.py, no zero-shot line).
 # Every stage pays seconds of imports, so each table has as few runs as shows what it must.
 CIMEO_TINY = {"objective": "sft", "strategy": "max", "density": 0.1, "masks": "", "mask_batches": 2, "mask_batch_size": 8,
-              "dense": "none", "chat_template": True,
+              "masked": "all", "dense": "none", "adam_eps": 1e-5,
               "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
               "decompose": {"script": "build_cimeo_masks.py", "per_sequence": True,
                             "args": {"method": "cimeo", "objective": "sft", "threads": 1}}}
@@ -254,7 +254,7 @@ def dvc_repo(tmp_path, tiny_base, script_env) -> tuple[Path, dict]:
                    "cls": {"tasks": ["mc"], "steps_per_task": 2, "max_length": 32}},
         methods={"lora": dict(LORA), "dora": DORA_TINY, "cimeo": CIMEO_TINY, "enc_lora": ENC_TINY},
         tables=TINY_TABLES,
-        cimeo_analysis={"masks": "models/init/cimeo-default", "run": "cimeo-chat-s0",
+        cimeo_analysis={"masks": "models/init/cimeo-chat", "run": "cimeo-chat-s0",
                         "overlap": {"tasks": list(TASKS), "labels": ["multiple", "generate"]},
                         "pair": {"pair": list(TASKS), "labels": ["multiple", "generate"]},
                         "angles": {"proj": "q_proj", "ks": [2, 4]}},
@@ -286,7 +286,7 @@ def test_dvc_pipeline_first_table_then_all_then_only_what_changed(dvc_repo):
     runs and the tables it feeds, nothing else; an edit to the core changes every stage that runs it."""
     repo, env = dvc_repo
     stages = set(dvc(repo, env, "stage", "list", "--name-only").stdout.split())
-    assert QUICK | DORA | {"decompose@cimeo-default", "train@cimeo-chat-s0", "build_encoder", "train@enc_lora-cls-s0",
+    assert QUICK | DORA | {"decompose@cimeo-chat", "train@cimeo-chat-s0", "build_encoder", "train@enc_lora-cls-s0",
                            "tables@chat", "tables@enc", "cimeo_overlap@cimeo-chat-s0", "cimeo_angles@cimeo-chat-s0",
                            "corda_full_decompose"} <= stages
     assert not any(s.startswith(("merge@cimeo", "evaluate@cimeo", "evaluate_base@cls")) for s in stages)  # unmerged; no zero-shot
@@ -304,7 +304,8 @@ def test_dvc_pipeline_first_table_then_all_then_only_what_changed(dvc_repo):
     assert ran_stages(everything.stdout) == stages - QUICK, everything.stdout  # quick's runs are reused
     assert (repo / "results" / "README.md").is_file()
     # CIMEO: masks from its decompose stage, the chat sequence's settings, chat-template scoring
-    assert (repo / "models" / "init" / "cimeo-default" / "model" / "cimeo_masks" / "masks.json").is_file()
+    masks = read_json(repo / "models" / "init" / "cimeo-chat" / "model" / "cimeo_masks" / "masks.json")
+    assert masks["chat_template"] is True  # ranked on the chat sequence's encoding, as its run trains
     chat_run = read_json(repo / "runs" / "cimeo-chat-s0" / "train_config.json")
     assert chat_run["steps_per_task"] == 1 and chat_run["chat_template"] and chat_run["tasks"] == list(reversed(TASKS))
     assert read_json(repo / "results" / "eval" / "lora-default-s0.json")["chat_template"] is False

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_help_lists, run_gloo_workers, tiny_params, write_params
+from conftest import ROOT, assert_help_lists, run_gloo_workers, tiny_params, write_params
 from test_methods import TARGETS, load_method
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -429,6 +429,7 @@ ZO_METHODS = {
     "zoadamu": dict(ZO_LORA, tuning="lora", zo_eps=1e-2, anneal_start=0.05, anneal_end=0.8,
                     alpha_end=0.01, beta1_end=0.13, beta2_end=0.01),
 }
+ZO_METHODS["zoadamu_full"] = dict(ZO_METHODS["zoadamu"], script="zoadamu4sft.py", tuning="full", zo_eps=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -467,6 +468,32 @@ def test_trainer_loss_falls_on_the_tiny_llama(name, tuning, lr, steps, zo_projec
     assert all(math.isfinite(loss) for _, loss in history["loss"])
     n_trainable = sum(p.numel() for p in trainer.unwrapped.parameters() if p.requires_grad)
     assert (n_trainable == trainer.total) == (tuning == "full")
+
+
+def test_zoadamu_full_row_trains_every_weight(zo_project, monkeypatch):
+    """CIMEO's Table 1 runs ZO-AdaMU on full weights (its seed's script applies no adapter): the
+    zoadamu_full row, a section of zoadamu4sft.py, perturbs and updates every weight and its loss
+    falls; the repository's cognition table shows it beside the LoRA row."""
+    from stages.core.batches import response_loss
+    from stages.core.config import load_params
+    from stages.core.sft import Trainer, build_config
+
+    monkeypatch.chdir(zo_project)
+    method = load_method("zoadamu")
+    cfg = build_config(method, run_args("zo-adamu-full", "--method", "zoadamu_full", "--lr", "1e-3", "--steps_per_task", "16",
+                                        "--batch_size", "4", "--checkpoint_every", "100"))
+    trainer = Trainer(method, cfg)
+    rows = trainer.encoded[0][:16]
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+    loss_before = response_loss(trainer.unwrapped, rows, trainer.tokenizer.pad_token_id)
+    trainer.train_task(0)
+    assert response_loss(trainer.unwrapped, rows, trainer.tokenizer.pad_token_id) < loss_before - 0.05
+    assert trainer.trainable == trainer.total and not hasattr(trainer.unwrapped, "peft_config")
+    assert all(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())
+    params = load_params(ROOT / "params.yaml")
+    assert {"zoadamu", "zoadamu_full"} <= set(params["tables"]["cognition"]["rows"])
+    assert params["methods"]["zoadamu"]["tuning"] == "lora" and params["methods"]["zoadamu_full"]["tuning"] == "full"
+    assert params["methods"]["zoadamu_full"]["script"] == "zoadamu4sft.py"
 
 
 def test_tuning_full_or_lora(tiny_base):

@@ -19,6 +19,13 @@ from stages.core.errors import cli_entry, fail
 from stages.core.markdown import markdown_table
 
 
+def part_of(name: str) -> str:
+    """A parameter's column: its module (q_proj, input_layernorm), with the tensor's name when it
+    is not the weight (q_proj.bias)."""
+    module, tensor = name.rsplit(".", 2)[-2:]
+    return module if tensor == "weight" else f"{module}.{tensor}"
+
+
 @cli_entry
 def main(argv=None) -> None:
     parser = OneLineParser(prog="overlap_count_by_layer_by_cognition.py", description=__doc__,
@@ -35,11 +42,12 @@ def main(argv=None) -> None:
     label_a, label_b = args.labels or (a, b)
     density = float(meta["density"])
     by_layer = cimeo.layer_overlap(masks[a], masks[b])
-    per_weight = cimeo.weight_overlaps(masks[a], masks[b])
-    projections = sorted({name.rsplit(".", 2)[-2] for name in per_weight})
+    per_weight = {name: counts for name, counts in cimeo.weight_overlaps(masks[a], masks[b]).items()
+                  if cimeo.layer_index(name) is not None}  # the final norm belongs to no layer
+    projections = sorted({part_of(name) for name in per_weight})
     table: dict[int, dict[str, float]] = {layer: {} for layer in by_layer}
     for name, (inter, size) in per_weight.items():
-        table[cimeo.layer_of(name)][name.rsplit(".", 2)[-2]] = inter / size if size else float("nan")
+        table[cimeo.layer_of(name)][part_of(name)] = inter / size if size else float("nan")
     overall = cimeo.overall_overlap(masks[a], masks[b])
     layers = sorted(by_layer)
 

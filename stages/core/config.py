@@ -82,7 +82,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def sequence_tasks(params: dict, name: str) -> list[str]:
     """The tasks of sequence ``name``: params sequences.<name> is a list of tasks, or a mapping
-    with ``tasks:`` and training settings shared by every method on the sequence."""
+    with ``tasks:``, optionally ``held_out:`` (``sequence_held_out``) and training settings shared
+    by every method on the sequence."""
     value = section(params, "sequences", name)
     tasks = value.get("tasks") if isinstance(value, dict) else value
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
@@ -90,7 +91,23 @@ def sequence_tasks(params: dict, name: str) -> list[str]:
     return list(tasks)
 
 
+SEQUENCE_KEYS = ("tasks", "held_out")  # what a sequence mapping holds besides training settings
+
+
 def sequence_settings(params: dict, name: str) -> dict:
     """The training settings sequences.<name> sets for every method on it ({} for a plain list)."""
     value = section(params, "sequences", name)
-    return {k: v for k, v in value.items() if k != "tasks"} if isinstance(value, dict) else {}
+    return {k: v for k, v in value.items() if k not in SEQUENCE_KEYS} if isinstance(value, dict) else {}
+
+
+def sequence_held_out(params: dict, name: str) -> list[str]:
+    """Tasks never trained on the sequence that every run of it (and the base model's line) scores
+    after its last task: what fine-tuning should leave intact (sequences.<name>.held_out; [] if none)."""
+    value = section(params, "sequences", name)
+    held_out = value.get("held_out", []) if isinstance(value, dict) else []
+    if not isinstance(held_out, list) or not all(isinstance(t, str) for t in held_out) or len(set(held_out)) != len(held_out):
+        fail(f"sequences.{name}.held_out must be a list of distinct task names, got {held_out!r}")
+    trained = sorted(set(held_out) & set(sequence_tasks(params, name)))
+    if trained:
+        fail(f"sequences.{name}.held_out names {', '.join(trained)}, which the sequence trains on: a held-out task is never trained")
+    return list(held_out)

