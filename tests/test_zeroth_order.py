@@ -198,6 +198,11 @@ def test_step_memory_is_near_inference(name):
 
 
 def measure_step_memory(name, model, x, y):
+    from methods import zeroth_order
+
+    # Scratch buffers are kept per thread and grow to the largest chunk the process has drawn: a
+    # bigger model stepped earlier in this process would have left them larger than this model needs.
+    zeroth_order._Draws.local.__dict__.clear()
     closure = mse_closure(model, x, y)
     opt = make(name, model, seed=0)
     opt.step(closure)  # ZO-AdaMU allocates its momentum state at the first step
