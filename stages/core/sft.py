@@ -24,6 +24,7 @@ import resource
 import shutil
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,9 @@ from .batches import batch_order, causal_lm_loss, collate, encode_chat, encode_e
 from .continual import average_performance, backward_transfer
 from .errors import cli_entry, fail
 from .evaluation import Evaluator
-from .io import atomic_dir, atomic_write_json, read_json
+from .io import _prune, atomic_dir, atomic_write_json, read_json
 from .models import load_model, load_tokenizer
+from .outputs import RunFolders
 from .tasks import load_task
 
 # Training diverged when a step's loss is not finite or above DIVERGED × max(the task's first
@@ -384,14 +386,47 @@ class Trainer:
 
         self.method, self.cfg = method, cfg
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        # Before any work: this run alone writes its folders, and it can (stages/core/outputs.py).
+        self.folders = RunFolders({f"--{key}": getattr(cfg, key) for key in RUN_PATH_KEYS}) \
+            if self.accelerator.is_main_process else None
+        try:
+            self._build()
+        except BaseException:
+            if hasattr(self, "work"):  # a work folder this start created and left empty
+                _prune(self.work.root, Path(cfg.work_dir))
+            self.release()
+            raise
+        if self.folders:
+            weakref.finalize(self, self.folders.release)  # a Trainer dropped without run()
+
+    def release(self) -> None:
+        if self.folders:
+            self.folders.release()
+
+    def disk_needs(self, model: torch.nn.Module) -> dict[str, int]:
+        """Bytes the run will write at most: per task its exported model and trained tensors in
+        the work folder, plus one checkpoint in progress (trained tensors and up to two optimizer
+        states per tensor, beside the previous one); per kept model one export in the output
+        folder. An export is a peft adapter (x2: PiSSA's and OLoRA's rank-2r conversion), or at
+        most the full weights. What an interrupted run already wrote counts as written."""
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        tuned = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        export = 2 * tuned if hasattr(model, "peft_config") else full
+        tasks = len(self.tasks)
+        written = sum(f.stat().st_size for f in self.work.root.rglob("*") if f.is_file())
+        return {"--work_dir": max(0, tasks * (export + tuned) + 6 * tuned - written),
+                "--output_dir": (tasks + 1 if self.cfg.save_every_task else 1) * export}
+
+    def _build(self) -> None:
+        cfg, method = self.cfg, self.method
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.base_model)
+        model = load_model(cfg.base_model)  # before the work folder exists: an unusable model leaves nothing behind
         self.tasks = [load_task(name, Path(cfg.tasks_dir)) for name in cfg.tasks]
         encode = method.encoder(cfg) if method.encoder else (encode_chat if cfg.chat_template else encode_example)
         self.encoded = [encode_rows(t.train, self.tokenizer, cfg.max_length, t.name, encode) for t in self.tasks]
         self.work = WorkDir(cfg.work_dir, fingerprint(cfg), self.accelerator.is_main_process)
         self.context = Context(self.tokenizer, self.tasks, self.encoded, self.work.root)
-        model = load_model(cfg.base_model)
         try:
             model = method.build(model, cfg, self.context)
         except ValueError as err:  # peft's and our checks of a method's settings against the model
@@ -401,6 +436,8 @@ class Trainer:
             fail(f"method '{method.name}' left no trainable parameters")
         method.optimizer(model, cfg, self.context)  # some optimizers freeze tensors (LoRA-FA's A): count after it
         self.trainable, self.total = count_parameters(model)
+        if self.folders:
+            self.folders.check_space(self.disk_needs(model))
         self.initial_adapter = None
         if needs_conversion(model):
             # PiSSA/OLoRA rewrite W: keep the initial adapter to export plain-LoRA adapters later.
@@ -523,16 +560,19 @@ class Trainer:
         return record
 
     def run(self) -> None:
-        records = []
-        for index in range(len(self.tasks)):
-            record = self.resume_finished(index)
-            if record is None:
-                record = self.finish_task(index, self.train_task(index))
-            records.append(record)
-        if self.accelerator.is_main_process:
-            self.write_outputs(records)
-            shutil.rmtree(self.work.root, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        try:
+            records = []
+            for index in range(len(self.tasks)):
+                record = self.resume_finished(index)
+                if record is None:
+                    record = self.finish_task(index, self.train_task(index))
+                records.append(record)
+            if self.accelerator.is_main_process:
+                self.write_outputs(records)
+                shutil.rmtree(self.work.root, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+        finally:
+            self.release()
 
     def write_outputs(self, records: list[dict]) -> None:
         cfg = self.cfg
