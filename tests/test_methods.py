@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LORA, ROOT, TRAIN, logits, probe_batch, tiny_params, write_params
+from conftest import LORA, ROOT, TRAIN, logits, probe_batch, run_summary, tiny_params, write_params
 
 from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
@@ -89,7 +89,7 @@ def test_method_trains_saves_reloads_and_merges(name, methods_project, probe, mo
     trained_loss = response_loss(reloaded, encoded, tokenizer.pad_token_id)
     assert trained_loss < base_loss - 0.1, f"{name}: loss {base_loss:.3f} -> {trained_loss:.3f}"
 
-    metrics = json.loads((methods_project / "results" / "train" / tag / "metrics.json").read_text())
+    metrics = run_summary(methods_project / "results" / "train" / tag)
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
 
 
@@ -107,7 +107,7 @@ def test_lorafa_trains_b_only(methods_project, monkeypatch):
     assert all(torch.equal(before[n], after[n]) for n in before if "lora_A" in n)
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
     a_params = sum(p.numel() for n, p in after.items() if "lora_A" in n)
-    metrics = json.loads((methods_project / "results" / "train" / "fa" / "metrics.json").read_text())
+    metrics = run_summary(methods_project / "results" / "train" / "fa")
     lora_total = sum(p.numel() for n, p in after.items() if "lora_" in n)
     assert metrics["trainable_params"] == lora_total - a_params
 

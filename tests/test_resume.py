@@ -24,6 +24,7 @@ from conftest import (
     read_json,
     run_cmd,
     run_dirs,
+    run_summary,
     train_args,
 )
 
@@ -88,7 +89,7 @@ def saved_state(work_dir: Path) -> dict | None:
 
 def assert_same_results(run, reference) -> None:
     """Scores, loss curve and every adapter tensor equal the reference run's."""
-    ours, theirs = read_json(run.results_dir / "metrics.json"), read_json(reference.results_dir / "metrics.json")
+    ours, theirs = run_summary(run.results_dir), run_summary(reference.results_dir)
     for key in ("tasks", "matrix", "final", "AP", "BWT", "trainable_params"):
         assert ours[key] == theirs[key], key
     assert loss_curve(run.results_dir) == loss_curve(reference.results_dir)
@@ -167,7 +168,7 @@ def test_accelerate_launch_trains_data_parallel_on_two_cpu_processes(project, sc
         signal_group(proc, signal.SIGKILL)  # only if a check failed while it still ran
 
     assert sorted(p.name for p in run.output_dir.iterdir()) == sorted(p.name for p in reference_run.output_dir.iterdir())
-    metrics, reference = read_json(run.results_dir / "metrics.json"), read_json(reference_run.results_dir / "metrics.json")
+    metrics, reference = run_summary(run.results_dir), run_summary(reference_run.results_dir)
     assert metrics["tasks"] == list(TASKS) and metrics["matrix"].keys() == reference["matrix"].keys()
     assert all(0.0 <= v <= 1.0 for row in metrics["matrix"].values() for v in row.values())
     assert read_json(run.output_dir / "train_config.json")["batch_size"] == 4

@@ -598,20 +598,38 @@ class Trainer:
             write_live(res, records, summary)
 
 
+# What `dvc metrics show` and `dvc exp show` list of a run (metrics.json); the rest of its summary
+# (the accuracy matrix, parameter counts, memory, step time) is in details.json beside it.
+SUMMARY_METRICS = ("AP", "BWT", "final")
+
+
 def write_live(folder: Path, records: list[dict], summary: dict) -> None:
-    """The run's loss curve and summary in dvclive's layout (metrics.json, plots/metrics/...)."""
+    """The run's results: its loss curve in dvclive's layout (plots/metrics/train/loss.tsv), its
+    summary metrics (metrics.json), the rest of its summary (details.json), and loss.png and
+    accuracy.png (the loss at every logged step, the accuracy matrix): the plots dvc.yaml declares,
+    images, so that `dvc plots show` needs no network."""
     from dvclive import Live
 
+    from .plots import plot_losses, plot_matrices
+
+    curve = []
     with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         offset = 0
         for record in records:
             for step, loss in record["loss"]:
                 live.step = offset + step
                 live.log_metric("train/loss", loss, plot=True)
+                curve.append([offset + step, loss])
             offset += record["loss"][-1][0] if record["loss"] else 0
-        for key, value in summary.items():
-            live.summary[key] = value
     (folder / "report.html").unlink(missing_ok=True)
+    # dvclive's own metrics.json adds its step and last loss: two more columns per run in `dvc exp show`.
+    atomic_write_json(folder / "metrics.json", {key: summary[key] for key in SUMMARY_METRICS})
+    atomic_write_json(folder / "details.json", {k: v for k, v in summary.items() if k not in SUMMARY_METRICS})
+    tasks = summary["tasks"]
+    line = {"row": summary["method"], "tasks": tasks, "AP": summary["AP"], "BWT": summary["BWT"], "loss_curve": curve,
+            "matrix": [[summary["matrix"][f"after_{t}"][u] for u in tasks] for t in tasks]}
+    plot_losses([line], folder / "loss.png", f"{summary['method']}: training loss over {' → '.join(tasks)}")
+    plot_matrices([line], folder / "accuracy.png")
 
 
 @cli_entry
