@@ -107,7 +107,8 @@ def fingerprint_dir(work_dir: Path) -> Path:
 
 def assert_nothing_published(run) -> None:
     assert not run.output_dir.exists() and not run.results_dir.exists()
-    assert not any(p.name.startswith(".") for p in run.output_dir.parent.iterdir())  # no temp folders either
+    # no temp folders either (only the killed run's lock file, which holds no lock any more)
+    assert [p.name for p in run.output_dir.parent.iterdir() if p.name.startswith(".")] in ([], [f".{run.output_dir.name}.lock"])
 
 
 def test_run_killed_mid_task_resumes_from_its_checkpoint_with_identical_results(project, script_env, reference_run, tmp_path):
