@@ -25,6 +25,7 @@ from methods import encoder, loretta
 from methods.loretta import LorettaLayerSettings
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json
+from stages.core.outputs import RunFolders
 from stages.core.settings import LoraSettings, like, setting
 from stages.core.sft import Method, build_config, peak_memory_mb, write_live
 
@@ -76,22 +77,26 @@ def main(argv=None) -> None:
     task = cfg.tasks[0]
     if cfg.held_out:
         fail(f"sequence '{cfg.sequence}' has held-out tasks: an encoder row's classifier is trained for its one task only")
-    with tempfile.TemporaryDirectory(prefix="adaptlab-encoder-") as work:
-        row = encoder.train_and_score(cfg.base_model, task, vars(cfg), steps=cfg.steps_per_task, batch_size=cfg.batch_size,
-                              max_length=cfg.max_length, seed=cfg.seed, tasks_dir=cfg.tasks_dir, work_dir=work)
-    score = row["accuracy"]
-    summary = {"method": cfg.method, "sequence": cfg.sequence, "seed": cfg.seed, "tasks": [task],
-               "chat_template": False,  # the classifier reads the plain prompt
-               "trainable_params": row["trainable_params"], "total_params": row["total_params"],
-               "peak_memory_mb": round(peak_memory_mb(), 1), "step_time_s": row["step_time_s"],
-               "AP": score, "BWT": None, "final": {task: score}, "held_out": {},
-               "matrix": {f"after_{task}": {task: score}}}
-    with atomic_dir(cfg.output_dir) as out:
-        row["model"].save_pretrained(out / "final")
-        atomic_write_json(out / "train_config.json", {k: v for k, v in vars(cfg).items()})
-    with atomic_dir(cfg.results_dir) as res:
-        write_live(res, [{"loss": row["loss"]}], summary)
-    print(f"{cfg.method}: accuracy {score:.3f} on {task}, {row['trainable_params']:,} trainable parameters")
+    folders = RunFolders({"--output_dir": cfg.output_dir, "--results_dir": cfg.results_dir})  # one writer each
+    try:
+        with tempfile.TemporaryDirectory(prefix="adaptlab-encoder-") as work:
+            row = encoder.train_and_score(cfg.base_model, task, vars(cfg), steps=cfg.steps_per_task, batch_size=cfg.batch_size,
+                                          max_length=cfg.max_length, seed=cfg.seed, tasks_dir=cfg.tasks_dir, work_dir=work)
+        score = row["accuracy"]
+        summary = {"method": cfg.method, "sequence": cfg.sequence, "seed": cfg.seed, "tasks": [task],
+                   "chat_template": False,  # the classifier reads the plain prompt
+                   "trainable_params": row["trainable_params"], "total_params": row["total_params"],
+                   "peak_memory_mb": round(peak_memory_mb(), 1), "step_time_s": row["step_time_s"],
+                   "AP": score, "BWT": None, "final": {task: score}, "held_out": {},
+                   "matrix": {f"after_{task}": {task: score}}}
+        with atomic_dir(cfg.output_dir) as out:
+            row["model"].save_pretrained(out / "final")
+            atomic_write_json(out / "train_config.json", {k: v for k, v in vars(cfg).items()})
+        with atomic_dir(cfg.results_dir) as res:
+            write_live(res, [{"loss": row["loss"]}], summary)
+        print(f"{cfg.method}: accuracy {score:.3f} on {task}, {row['trainable_params']:,} trainable parameters")
+    finally:
+        folders.release()
 
 
 if __name__ == "__main__":

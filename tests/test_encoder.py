@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_params, write_params
+from conftest import run_summary, tiny_params, write_params
 
 from methods import encoder, loretta
 from stages.core.errors import AdaptlabError
@@ -72,7 +72,7 @@ def test_a_row_trains_and_scores(project, monkeypatch, tmp_path):
     runs, results = tmp_path / "runs" / "enc", tmp_path / "results" / "enc"
     encoder4cls.main(["--params", str(tmp_path / "params.yaml"), "--method", "enc_loretta_rep", "--sequence", "cls",
                       "--base_model", encoder.EMBEDDED_ENCODER, "--output_dir", str(runs), "--results_dir", str(results)])
-    metrics = json.loads((results / "metrics.json").read_text())
+    metrics = run_summary(results)
     assert (metrics["method"], metrics["tasks"], metrics["seed"]) == ("enc_loretta_rep", ["mc"], 0)
     assert 0.0 <= metrics["AP"] == metrics["final"]["mc"] == metrics["matrix"]["after_mc"]["mc"] <= 1.0
     assert metrics["trainable_params"] < 25_000 and metrics["total_params"] > 22_000_000  # TT cores, LayerNorms, head

@@ -41,6 +41,17 @@ def truncated_model_and_adapter(workspace: Path, project: Path) -> None:
     (workspace / "adapter").symlink_to(project / "runs" / ROW / "final", target_is_directory=True)
 
 
+def link_encoder(workspace: Path, project: Path) -> None:
+    """encoder/: the MiniLM-L6 encoder folder of its package (an encoder, not a causal LM)."""
+    from stages.core.models import EMBEDDED_ENCODER, encoder_path
+
+    (workspace / "encoder").symlink_to(encoder_path(EMBEDDED_ENCODER), target_is_directory=True)
+
+
+def blocking_file(workspace: Path, project: Path) -> None:
+    (workspace / "blocked").write_text("a file where --results_dir needs a folder\n")
+
+
 def write_plan(workspace: Path) -> None:
     """plan.yaml of the workspace's params, as `make plan` writes it."""
     from stages.core.config import load_params
@@ -88,6 +99,15 @@ CASES = {
                                   params=tiny_params(methods={"lora": LORA, "corda_kpa": {
                                       "script": "corda4sft.py", "decompose": {"script": "build_corda.py",
                                                                               "args": {"r": 8, "bogus": 1}}}})),
+    "encoder-as-base-model": Case(LORA_SCRIPT, ("--base_model", "encoder"),
+                                  ("'encoder' is not a causal language model", "BertModel", "encoder4cls.py"),
+                                  prepare=link_encoder),
+    # an output folder that cannot be written: found before training, not at the end (as root too: sysfs
+    # refuses new files to everyone)
+    "results-dir-unwritable": Case(LORA_SCRIPT, ("--results_dir", "/sys/adaptlab-results"),
+                                   ("--results_dir '/sys/adaptlab-results' cannot be written",)),
+    "results-dir-under-a-file": Case(LORA_SCRIPT, ("--results_dir", "blocked/lora"), ("--results_dir 'blocked/lora'", "'blocked'"),
+                                     prepare=blocking_file),
     # methods/lora4sft.py: the task data (every kind of bad row is covered in test_data.py; here:
     # the trainer reports it as one line too)
     "broken-json-row": Case(LORA_SCRIPT, (), ("data/tasks/mc/train.jsonl line 3", "not valid JSON"), copy_data=True,
@@ -112,10 +132,18 @@ CASES = {
     "plan-unknown-row": Case("stages/plan.py", (), ("'dora'", "methods"),
                              params=tiny_params(tables={"default": {"sequences": ["default"], "rows": ["lora", "dora"],
                                                                     "reference": "lora", "seeds": [0]}})),
+    "plan-local-file-outside-data-local": Case("stages/plan.py", (), ("task 'mc'", "'elsewhere/mc.jsonl'", "data/local"),
+                                               params=tiny_params(tasks={**tiny_params()["tasks"], "mc": {
+                                                   "source": "jsonl", "train": "elsewhere/mc.jsonl", "test": "data/local/mc/test.jsonl",
+                                                   "train_size": 100, "test_size": 20}})),
+    "plan-missing-local-base-model": Case("stages/plan.py", (), ("base_model.source './no-such-model'", "not a folder"),
+                                          params=tiny_params(base_model={"source": "./no-such-model", "path": "models/base"})),
     "collect-missing-run": Case("stages/collect.py", ("--inputs", "results/train/nope", "--out", "collected.json"),
                                 ("results/train/nope does not exist",)),
     "build-base-missing-source": Case("stages/build_base.py", ("--source", "/nonexistent-model", "--out", "built"),
                                       ("'/nonexistent-model'",)),
+    "build-base-from-an-encoder": Case("stages/build_base.py", ("--source", "encoder", "--out", "built"),
+                                       ("'encoder' is not a causal language model", "BertModel"), prepare=link_encoder),
     "merge-missing-adapter": Case("stages/merge.py", ("--base_model", "models/base", "--adapter", "runs/nope/final",
                                                       "--output_path", "merged-model"), ("'runs/nope/final'",)),
 }

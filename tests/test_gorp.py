@@ -15,7 +15,6 @@ line each.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from conftest import (
     make_workspace,
     probe_batch,
     run_script,
+    run_summary,
     tiny_params,
 )
 from test_methods import load_method
@@ -310,7 +310,7 @@ def test_killed_run_resumes_with_the_weights_of_an_uninterrupted_one(gorp_projec
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
     mine, ref = dict(resumed.unwrapped.named_parameters()), dict(reference.unwrapped.named_parameters())
     assert all(torch.equal(mine[n], ref[n]) for n in ref)  # bases and every LoRA included
-    metrics = [json.loads((gorp_project / "results" / "train" / t / "metrics.json").read_text()) for t in ("cut", "straight")]
+    metrics = [run_summary(gorp_project / "results" / "train" / t) for t in ("cut", "straight")]
     assert metrics[0]["matrix"] == metrics[1]["matrix"]
 
     final = gorp_project / "runs" / "straight" / "final"
@@ -496,7 +496,7 @@ def test_o_lora_script_saves_a_plain_model(gorp_project, script_env):
     final = gorp_project / "runs" / "o_lora-script" / "final"
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
     assert sorted(p.name for p in final.parent.iterdir()) == ["final", "train_config.json"]
-    metrics = json.loads((gorp_project / "results" / "train" / "o_lora-script" / "metrics.json").read_text())
+    metrics = run_summary(gorp_project / "results" / "train" / "o_lora-script")
     assert set(metrics["matrix"]) == {"after_mc", "after_gen"}
     assert load_model(final) is not None
 

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, assert_help_lists, logits, probe_batch, tiny_params, write_params
+from conftest import ROOT, assert_help_lists, logits, probe_batch, run_summary, tiny_params, write_params
 from test_methods import load_method
 
 from methods import loran
@@ -151,7 +151,7 @@ def test_trains_saves_reloads_and_merges(loran_run, loran_project, probe):
 
 def test_trainable_count_equals_loras(loran_run, loran_project):
     """B (out x r) + A (r x in) per layer: LoRA's count at the same rank."""
-    metrics = json.loads((loran_project / "results" / "train" / TAG / "metrics.json").read_text())
+    metrics = run_summary(loran_project / "results" / "train" / TAG)
     per_layer = 8 * (64 + 64) + 8 * (32 + 64)  # q_proj 64x64, v_proj 32x64
     assert metrics["trainable_params"] == 2 * per_layer
 

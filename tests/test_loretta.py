@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, assert_help_lists, logits, probe_batch, tiny_params, write_params
+from conftest import ROOT, assert_help_lists, logits, probe_batch, run_summary, tiny_params, write_params
 from test_methods import load_method
 from test_zeroth_order import mlp, mse_closure, regression
 
@@ -181,7 +181,7 @@ def test_trains_saves_reloads_and_merges(tuning_type, loretta_project, probe, mo
     merged_dir = merge("models/base", str(final), str(loretta_project / "merged" / tag))
     merged = load_model(merged_dir)
     torch.testing.assert_close(logits(merged, batch), expected, atol=2e-4, rtol=1e-4)
-    metrics = json.loads((loretta_project / "results" / "train" / tag / "metrics.json").read_text())
+    metrics = run_summary(loretta_project / "results" / "train" / tag)
     if tuning_type == "loretta_rep":  # folded: a plain transformers folder
         assert not (merged_dir / adapters.ADAPTER_CONFIG).exists()
         assert not any(isinstance(m, loretta.TTLoRALinear) for m in merged.modules())

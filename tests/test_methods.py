@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LORA, ROOT, TRAIN, logits, probe_batch, tiny_params, write_params
+from conftest import LORA, ROOT, TRAIN, logits, probe_batch, run_summary, tiny_params, write_params
 
 from stages.core.adapters import is_saved_adapter, load_adapter
 from stages.core.batches import response_loss
@@ -140,7 +140,7 @@ def test_row_trains_saves_reloads_and_merges(row, rows_project, monkeypatch):
     merge.main(["--run", f"runs/{row}", "--output_path", f"merged/{row}"])
     torch.testing.assert_close(logits(load_model(f"merged/{row}"), batch), expected, atol=2e-4, rtol=1e-4)
 
-    metrics = json.loads((rows_project / "results" / "train" / row / "metrics.json").read_text())
+    metrics = run_summary(rows_project / "results" / "train" / row)
     assert 0 < metrics["trainable_params"] <= metrics["total_params"]
 
 
@@ -162,7 +162,7 @@ def test_adapter_method_lowers_the_loss(name, methods_project, probe, monkeypatc
     trainer.run()
     trained_loss = response_loss(trainer.unwrapped, encoded, tokenizer.pad_token_id)
     assert trained_loss < base_loss - 0.1, f"{name}: loss {base_loss:.3f} -> {trained_loss:.3f}"
-    metrics = json.loads((methods_project / "results" / "train" / tag / "metrics.json").read_text())
+    metrics = run_summary(methods_project / "results" / "train" / tag)
     assert 0 < metrics["trainable_params"] < metrics["total_params"] == sum(p.numel() for p in load_model("models/base").parameters())
     assert metrics["chat_template"] is False  # the prompt format every score of the run used (tables check it)
 
@@ -181,7 +181,7 @@ def test_lorafa_trains_b_only(methods_project, monkeypatch):
     assert all(torch.equal(before[n], after[n]) for n in before if "lora_A" in n)
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
     a_params = sum(p.numel() for n, p in after.items() if "lora_A" in n)
-    metrics = json.loads((methods_project / "results" / "train" / "fa" / "metrics.json").read_text())
+    metrics = run_summary(methods_project / "results" / "train" / "fa")
     lora_total = sum(p.numel() for n, p in after.items() if "lora_" in n)
     assert metrics["trainable_params"] == lora_total - a_params
 

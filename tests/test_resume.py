@@ -24,6 +24,7 @@ from conftest import (
     read_json,
     run_cmd,
     run_dirs,
+    run_summary,
     train_args,
 )
 
@@ -88,7 +89,7 @@ def saved_state(work_dir: Path) -> dict | None:
 
 def assert_same_results(run, reference) -> None:
     """Scores, loss curve and every adapter tensor equal the reference run's."""
-    ours, theirs = read_json(run.results_dir / "metrics.json"), read_json(reference.results_dir / "metrics.json")
+    ours, theirs = run_summary(run.results_dir), run_summary(reference.results_dir)
     for key in ("tasks", "matrix", "final", "AP", "BWT", "trainable_params"):
         assert ours[key] == theirs[key], key
     assert loss_curve(run.results_dir) == loss_curve(reference.results_dir)
@@ -106,7 +107,8 @@ def fingerprint_dir(work_dir: Path) -> Path:
 
 def assert_nothing_published(run) -> None:
     assert not run.output_dir.exists() and not run.results_dir.exists()
-    assert not any(p.name.startswith(".") for p in run.output_dir.parent.iterdir())  # no temp folders either
+    # no temp folders either (only the killed run's lock file, which holds no lock any more)
+    assert [p.name for p in run.output_dir.parent.iterdir() if p.name.startswith(".")] in ([], [f".{run.output_dir.name}.lock"])
 
 
 def test_run_killed_mid_task_resumes_from_its_checkpoint_with_identical_results(project, script_env, reference_run, tmp_path):
@@ -167,7 +169,7 @@ def test_accelerate_launch_trains_data_parallel_on_two_cpu_processes(project, sc
         signal_group(proc, signal.SIGKILL)  # only if a check failed while it still ran
 
     assert sorted(p.name for p in run.output_dir.iterdir()) == sorted(p.name for p in reference_run.output_dir.iterdir())
-    metrics, reference = read_json(run.results_dir / "metrics.json"), read_json(reference_run.results_dir / "metrics.json")
+    metrics, reference = run_summary(run.results_dir), run_summary(reference_run.results_dir)
     assert metrics["tasks"] == list(TASKS) and metrics["matrix"].keys() == reference["matrix"].keys()
     assert all(0.0 <= v <= 1.0 for row in metrics["matrix"].values() for v in row.values())
     assert read_json(run.output_dir / "train_config.json")["batch_size"] == 4

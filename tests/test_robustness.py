@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import json
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -26,9 +27,9 @@ from conftest import (
     check,
     last_line,
     make_workspace,
-    read_json,
     run_dirs,
     run_script,
+    run_summary,
     tiny_params,
     train_args,
 )
@@ -128,6 +129,72 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left_and_a_long_answer
         encode_example({**row, "answer": "positive " * 39 + "positive"}, tokenizer, 32, "task 'mc' row long")
 
 
+# ----------------------------------------------------------------------------- one writer, room to write
+
+
+def test_a_second_run_on_a_folder_in_use_stops_at_once_naming_the_first(project, tmp_path, script_env):
+    """Two runs on one output folder: the first, paused mid-training (tests/pause_in.py), holds its
+    folders; a second with the same --output_dir (its other folders its own) exits 2 at once, with
+    one line naming the first's pid, and writes nothing. SIGKILLed, the first leaves its lock file
+    but not its lock: the same command then takes it over and resumes the first's checkpoint."""
+    workspace = make_workspace(tmp_path / "ws", project)
+    command = ["methods/lora4sft.py", *train_args("shared", "--checkpoint_every", "4")]
+    first = subprocess.Popen([PYTHON, ROOT / "tests" / "pause_in.py", "stages.core.sft:Trainer._save_state", *command],
+                             cwd=workspace, env=script_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert any(line.strip() == "PAUSED" for line in first.stdout), first.stderr.read()[-3000:]
+        second = run_script("methods/lora4sft.py", "--params", "params.yaml", "--output_dir", "runs/shared",
+                            "--results_dir", "results/train/other", "--work_dir", "checkpoints/other", cwd=workspace, env=script_env)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert_one_error_line(second.stderr, "--output_dir 'runs/shared' is in use by another run", f"pid {first.pid} (lora4sft.py")
+        assert not (workspace / "results" / "train" / "other").exists() and not (workspace / "checkpoints" / "other").exists()
+    finally:
+        first.kill()
+        first.communicate()
+    assert (workspace / "runs" / ".shared.lock").is_file()  # what SIGKILL leaves: the file, not the lock
+    proc = check(run_script(*command, cwd=workspace, env=script_env))
+    assert "resumed task 1 from step 4" in proc.stdout + proc.stderr
+    assert not list(workspace.rglob(".*.lock"))  # a run that ends removes its lock files
+
+
+def test_too_little_disk_space_is_one_line_before_training(project, tmp_path, monkeypatch, capsys):
+    """1 MB free where the run writes its checkpoints and models: one line with what is free and
+    what the run needs, before the first step, and nothing left behind."""
+    import stages.core.outputs as outputs
+    from stages.core.sft import Trainer
+
+    def full(path):
+        return shutil._ntuple_diskusage(10**12, 10**12 - 2**20, 2**20)
+
+    def no_training(*args):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(outputs.shutil, "disk_usage", full)
+    monkeypatch.setattr(Trainer, "train_task", no_training)
+    workspace = make_workspace(tmp_path / "ws", project)
+    monkeypatch.chdir(workspace)
+    code, err = run_main(load_method("lora"), train_args("space"), capsys)
+    assert code == 2
+    assert_one_error_line(err, "not enough disk space", "1.0 MB free", "--output_dir runs/space", "--work_dir checkpoints/space",
+                          "MB there")
+    assert sorted(p.name for p in workspace.iterdir()) == ["data", "models", "params.yaml"]
+
+
+FULL_WEIGHT_ROWS = {"mezo": "mezo", "galore": "galore", "adarankgrad": "adarankgrad", "adalomo": "adalomo", "cimeo": "cimeo",
+                    "cimeo_pretrain": "cimeo", "gorp": "gorp", "o_lora": "o_lora"}
+
+
+@pytest.mark.parametrize("row", FULL_WEIGHT_ROWS)
+def test_full_weight_rows_keep_only_the_final_model_by_default(row):
+    """Rows whose model is the full weights (~540 MB a copy for SmolLM2) keep the final model only
+    (save_every_task false in their params section); adapter rows keep one per task."""
+    from stages.core.sft import build_config
+
+    params = str(ROOT / "params.yaml")
+    assert build_config(load_method(FULL_WEIGHT_ROWS[row]), ["--params", params, "--method", row]).save_every_task is False
+    assert build_config(load_method("lora"), ["--params", params]).save_every_task is True
+
+
 # ----------------------------------------------------------------------------- interruptions
 
 # stage -> (the point to pause at, the script and its arguments, the output it must not publish)
@@ -195,7 +262,7 @@ def test_a_stage_run_again_after_sigkill_finishes_and_clears_the_leftovers(inter
     train_ws = interrupted[("train", "SIGINT")][0]
     proc = check(run_script(*STAGES["train"][1], cwd=train_ws, env=script_env))
     assert "resumed task 1 from step 4" in proc.stdout + proc.stderr
-    assert read_json(train_ws / "results" / "train" / "cut" / "metrics.json")["tasks"] == ["mc", "gen"]
+    assert run_summary(train_ws / "results" / "train" / "cut")["tasks"] == ["mc", "gen"]
 
 
 # ----------------------------------------------------------------------------- fuzzing

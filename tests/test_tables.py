@@ -11,7 +11,7 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, check, make_workspace, read_json, run_script, tiny_params, train_args
+from conftest import ROOT, check, make_workspace, read_json, run_script, run_summary, tiny_params, train_args
 from test_methods import load_method
 
 from stages.core.errors import AdaptlabError
@@ -145,7 +145,7 @@ def test_runs_and_the_base_line_score_the_held_out_tasks(project, script_env, tm
     ws = make_workspace(tmp_path / "ws", project, params)
     args = [a if a != "default" else "one" for a in train_args("held")]
     check(run_script("methods/lora4sft.py", *args, "--steps_per_task", "2", "--eval_limit", "4", cwd=ws, env=script_env))
-    metrics = read_json(ws / "results" / "train" / "held" / "metrics.json")
+    metrics = run_summary(ws / "results" / "train" / "held")
     assert set(metrics["held_out"]) == {"gen"} and 0 <= metrics["held_out"]["gen"] <= 1
     assert set(metrics["final"]) == {"mc"} and metrics["matrix"] == {"after_mc": {"mc": metrics["final"]["mc"]}}
     check(run_script("stages/evaluate.py", "--model", "models/base", "--sequence", "one", "--limit", "4",

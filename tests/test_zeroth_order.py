@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import math
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_help_lists, run_gloo_workers, tiny_params, write_params
+from conftest import ROOT, assert_help_lists, run_gloo_workers, run_summary, tiny_params, write_params
 from test_methods import TARGETS, load_method
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -529,7 +528,7 @@ def test_mezo_full_run_exports_a_full_model(zo_project, monkeypatch):
     Trainer(method, cfg).run()
     final = zo_project / "runs" / "zo-run" / "final"
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
-    metrics = json.loads((zo_project / "results" / "train" / "zo-run" / "metrics.json").read_text())
+    metrics = run_summary(zo_project / "results" / "train" / "zo-run")
     assert metrics["trainable_params"] == metrics["total_params"]
 
 

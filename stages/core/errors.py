@@ -38,8 +38,9 @@ def cli_entry(func: F) -> F:
             print(f"error: disk full{where} ({err.strerror}); nothing was published: free space and run again",
                   file=sys.stderr)
             sys.exit(1)
-        except KeyboardInterrupt:
-            print("error: interrupted; completed work is checkpointed, run again to resume", file=sys.stderr)
+        except KeyboardInterrupt as err:  # Ctrl-C, or a reason (stages/core/outputs.py: the run's dvc died)
+            reason = f" ({err})" if str(err) else ""
+            print(f"error: interrupted{reason}; completed work is checkpointed, run again to resume", file=sys.stderr)
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]

@@ -15,9 +15,11 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .errors import AdaptlabError, fail
 from .io import atomic_dir
@@ -128,6 +130,20 @@ def _check_source(name_or_path: str) -> None:
         fail(f"model folder '{name_or_path}' has no config.json: expected a transformers model folder")
 
 
+def check_causal(config: PretrainedConfig, name_or_path: str | Path) -> None:
+    """One line unless the checkpoint is a causal LM with its head: its config.json must name a
+    causal-LM architecture. AutoModelForCausalLM would otherwise load an encoder (BERT, MiniLM)
+    as a decoder with a randomly initialised LM head, and training would fail far from the cause."""
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in ([names] if isinstance(names, str) else names)}
+    architectures = config.architectures or []
+    if not set(architectures) & causal:
+        fail(f"model '{name_or_path}' is not a causal language model (architecture "
+             f"{', '.join(architectures) or 'not named in its config.json'}, model type {config.model_type}): "
+             f"the decoder methods and build_base need a decoder-only model with its LM head, such as "
+             f"{EMBEDDED_SOURCE}; encoders train through methods/encoder4cls.py")
+
+
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     _check_source(str(name_or_path))
     try:
@@ -144,10 +160,7 @@ def load_model(name_or_path: str | Path, dtype: str = "float32") -> PreTrainedMo
     that also holds an adaptlab adapter (a merged LoRETTA-adapter model) comes with it attached."""
     _check_source(str(name_or_path))
     try:
-        config = AutoConfig.from_pretrained(str(name_or_path))
-        if config.is_encoder_decoder:
-            fail(f"model '{name_or_path}' is encoder-decoder ({config.model_type}): the SFT trainer "
-                 "expects a causal LM (decoder-only) model")
+        check_causal(AutoConfig.from_pretrained(str(name_or_path)), name_or_path)
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype(dtype))
     except AdaptlabError:
         raise

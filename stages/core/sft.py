@@ -25,6 +25,7 @@ import resource
 import shutil
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,8 +42,9 @@ from .batches import batch_order, causal_lm_loss, collate, encode_chat, encode_e
 from .continual import average_performance, backward_transfer
 from .errors import cli_entry, fail
 from .evaluation import Evaluator
-from .io import atomic_dir, atomic_write_json, read_json
+from .io import _prune, atomic_dir, atomic_write_json, read_json
 from .models import load_model, load_tokenizer
+from .outputs import RunFolders
 from .tasks import load_task
 
 # Training diverged when a step's loss is not finite or above DIVERGED × max(the task's first
@@ -383,14 +385,47 @@ class Trainer:
 
         self.method, self.cfg = method, cfg
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        # Before any work: this run alone writes its folders, and it can (stages/core/outputs.py).
+        self.folders = RunFolders({f"--{key}": getattr(cfg, key) for key in RUN_PATH_KEYS}) \
+            if self.accelerator.is_main_process else None
+        try:
+            self._build()
+        except BaseException:
+            if hasattr(self, "work"):  # a work folder this start created and left empty
+                _prune(self.work.root, Path(cfg.work_dir))
+            self.release()
+            raise
+        if self.folders:
+            weakref.finalize(self, self.folders.release)  # a Trainer dropped without run()
+
+    def release(self) -> None:
+        if self.folders:
+            self.folders.release()
+
+    def disk_needs(self, model: torch.nn.Module) -> dict[str, int]:
+        """Bytes the run will write at most: per task its exported model and trained tensors in
+        the work folder, plus one checkpoint in progress (trained tensors and up to two optimizer
+        states per tensor, beside the previous one); per kept model one export in the output
+        folder. An export is a peft adapter (x2: PiSSA's and OLoRA's rank-2r conversion), or at
+        most the full weights. What an interrupted run already wrote counts as written."""
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        tuned = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        export = 2 * tuned if hasattr(model, "peft_config") else full
+        tasks = len(self.tasks)
+        written = sum(f.stat().st_size for f in self.work.root.rglob("*") if f.is_file())
+        return {"--work_dir": max(0, tasks * (export + tuned) + 6 * tuned - written),
+                "--output_dir": (tasks + 1 if self.cfg.save_every_task else 1) * export}
+
+    def _build(self) -> None:
+        cfg, method = self.cfg, self.method
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.base_model)
+        model = load_model(cfg.base_model)  # before the work folder exists: an unusable model leaves nothing behind
         self.tasks = [load_task(name, Path(cfg.tasks_dir)) for name in cfg.tasks]
         encode = method.encoder(cfg) if method.encoder else (encode_chat if cfg.chat_template else encode_example)
         self.encoded = [encode_rows(t.train, self.tokenizer, cfg.max_length, t.name, encode) for t in self.tasks]
         self.work = WorkDir(cfg.work_dir, fingerprint(cfg), self.accelerator.is_main_process)
         self.context = Context(self.tokenizer, self.tasks, self.encoded, self.work.root)
-        model = load_model(cfg.base_model)
         # The denominator of every trained-numbers share: the base model's size, not the model with
         # whatever a method adds (adapters of later tasks, bases, padding).
         self.total = count_parameters(model)[1]
@@ -403,6 +438,8 @@ class Trainer:
             fail(f"method '{method.name}' left no trainable parameters")
         method.optimizer(model, cfg, self.context)  # some optimizers freeze tensors (LoRA-FA's A): count after it
         self.trainable = method.trainable(model, cfg, self.context) if method.trainable else count_parameters(model)[0]
+        if self.folders:
+            self.folders.check_space(self.disk_needs(model))
         self.initial_adapter = None
         if needs_conversion(model):
             # PiSSA/OLoRA rewrite W: keep the initial adapter to export plain-LoRA adapters later.
@@ -532,16 +569,19 @@ class Trainer:
         return record
 
     def run(self) -> None:
-        records = []
-        for index in range(len(self.tasks)):
-            record = self.resume_finished(index)
-            if record is None:
-                record = self.finish_task(index, self.train_task(index))
-            records.append(record)
-        if self.accelerator.is_main_process:
-            self.write_outputs(records)
-            shutil.rmtree(self.work.root, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        try:
+            records = []
+            for index in range(len(self.tasks)):
+                record = self.resume_finished(index)
+                if record is None:
+                    record = self.finish_task(index, self.train_task(index))
+                records.append(record)
+            if self.accelerator.is_main_process:
+                self.write_outputs(records)
+                shutil.rmtree(self.work.root, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+        finally:
+            self.release()
 
     def write_outputs(self, records: list[dict]) -> None:
         cfg = self.cfg
@@ -570,20 +610,38 @@ class Trainer:
             write_live(res, records, summary)
 
 
+# What `dvc metrics show` and `dvc exp show` list of a run (metrics.json); the rest of its summary
+# (the accuracy matrix, parameter counts, memory, step time) is in details.json beside it.
+SUMMARY_METRICS = ("AP", "BWT", "final", "held_out")
+
+
 def write_live(folder: Path, records: list[dict], summary: dict) -> None:
-    """The run's loss curve and summary in dvclive's layout (metrics.json, plots/metrics/...)."""
+    """The run's results: its loss curve in dvclive's layout (plots/metrics/train/loss.tsv), its
+    summary metrics (metrics.json), the rest of its summary (details.json), and loss.png and
+    accuracy.png (the loss at every logged step, the accuracy matrix): the plots dvc.yaml declares,
+    images, so that `dvc plots show` needs no network."""
     from dvclive import Live
 
+    from .plots import plot_losses, plot_matrices
+
+    curve = []
     with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         offset = 0
         for record in records:
             for step, loss in record["loss"]:
                 live.step = offset + step
                 live.log_metric("train/loss", loss, plot=True)
+                curve.append([offset + step, loss])
             offset += record["loss"][-1][0] if record["loss"] else 0
-        for key, value in summary.items():
-            live.summary[key] = value
     (folder / "report.html").unlink(missing_ok=True)
+    # dvclive's own metrics.json adds its step and last loss: two more columns per run in `dvc exp show`.
+    atomic_write_json(folder / "metrics.json", {key: summary[key] for key in SUMMARY_METRICS})
+    atomic_write_json(folder / "details.json", {k: v for k, v in summary.items() if k not in SUMMARY_METRICS})
+    tasks = summary["tasks"]
+    line = {"row": summary["method"], "tasks": tasks, "AP": summary["AP"], "BWT": summary["BWT"], "loss_curve": curve,
+            "matrix": [[summary["matrix"][f"after_{t}"][u] for u in tasks] for t in tasks]}
+    plot_losses([line], folder / "loss.png", f"{summary['method']}: training loss over {' → '.join(tasks)}")
+    plot_matrices([line], folder / "accuracy.png")
 
 
 @cli_entry

