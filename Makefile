@@ -71,9 +71,11 @@ test-quick: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# One step of every method against its floor and LoRA (needs models/base: `make repro` first).
+# One step of every method against its floor and LoRA, then one scoring call of the cognition and
+# GORP sequences with lm-eval and with the fast scorer (needs models/base and data: `make repro` first).
 bench: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/bench.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/bench.py --scoring
 
 clean:
 	rm -rf $(VENV) checkpoints runs merged models .cache

@@ -12,8 +12,8 @@ Trainer, methods/encoder.py); the score is test accuracy.
     python methods/encoder4cls.py --method enc_loretta_rep --sequence sst2_cls --base_model models/encoder
 
 The run's outputs follow every method script's layout: the trained model in --output_dir/final,
-metrics.json (the one-task accuracy "matrix", trainable parameters, step time) and the loss curve
-in --results_dir.
+metrics.json (the one-task accuracy "matrix", trainable parameters, step time), each test row's
+outcome (items.json) and the loss curve in --results_dir.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from methods import encoder, loretta
 from methods.loretta import LorettaLayerSettings
 from stages.core.errors import cli_entry, fail
+from stages.core.evaluation import ITEMS_FILE
 from stages.core.io import atomic_dir, atomic_write_json
 from stages.core.outputs import RunFolders
 from stages.core.settings import LoraSettings, like, setting
@@ -94,6 +95,7 @@ def main(argv=None) -> None:
             atomic_write_json(out / "train_config.json", {k: v for k, v in vars(cfg).items()})
         with atomic_dir(cfg.results_dir) as res:
             write_live(res, [{"loss": row["loss"]}], summary)
+            atomic_write_json(res / ITEMS_FILE, {f"after_{task}": {task: row["items"]}})  # each test row's outcome
         print(f"{cfg.method}: accuracy {score:.3f} on {task}, {row['trainable_params']:,} trainable parameters")
     finally:
         folders.release()

@@ -6,8 +6,9 @@
 
 A table's stage depends on exactly its own runs through these files (dvc.yaml cannot list a
 variable number of inputs in one stage, but a loop of stages can). From a run's results folder it
-takes metrics.json, details.json and the loss curve; with a second input, the merged model's lm-eval scores
-(results/eval/<run>.json); a base-model file is taken as it is.
+takes metrics.json, details.json, the loss curve and every scored row's outcome (items.json); with
+a second input, the merged model's lm-eval scores and outcomes (results/eval/<run>.json); a
+base-model file is taken as it is. Outcomes come out as {task: {row id: outcome}} everywhere.
 """
 
 import argparse
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry, fail
+from stages.core.evaluation import ITEMS_FILE, items_of
 from stages.core.io import atomic_write_json, read_json
 
 
@@ -32,15 +34,23 @@ def collect(inputs: list[Path]) -> dict:
         if not path.exists():
             fail(f"{path} does not exist: run the stage that writes it (dvc repro)")
     if first.is_file():  # the base model's zero-shot scores (stages/evaluate.py)
-        return {"kind": "base", **read_json(first)}
+        return evaluated(first, kind="base")
     for name in ("metrics.json", "details.json"):  # the summary metrics; the matrix, parameters, memory, step time
         if not (first / name).is_file():
             fail(f"{first} has no {name}: expected a run's results folder (results/train/<run>); re-run its train stage")
     record = {"kind": "run", "run": first.name, **read_json(first / "metrics.json"), **read_json(first / "details.json"),
               "loss_curve": loss_curve(first)}
+    items = first / ITEMS_FILE
+    record["items"] = read_json(items) if items.is_file() else None  # {after_<task>: {task: {row id: outcome}}}
     merged = [p for p in inputs[1:] if p != first]
-    record["merged"] = read_json(merged[0]) if merged else None
+    record["merged"] = evaluated(merged[0]) if merged else None
     return record
+
+
+def evaluated(path: Path, **extra) -> dict:
+    """stages/evaluate.py's scores, with their outcome rows as {task: {row id: outcome}}."""
+    record = read_json(path)
+    return {**extra, **record, "items": items_of(record.get("items") or [])}
 
 
 @cli_entry

@@ -7,6 +7,8 @@ lm-eval's HF model wrapper. Besides the sequence's tasks it scores the sequence'
 the tokenizer's chat template when the model was trained that way (its prompt_format.json,
 written by stages/merge.py), else when the sequence sets chat_template (the base model on the
 cognition sequence); --chat_template / --no-chat_template win.
+Under "items", every row's outcome as [task, row id, outcome] rows (the values lm-eval averages
+into each score; a list, so that `dvc metrics show` lists only the scores).
 """
 
 import argparse
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from stages.core.config import OneLineParser, load_params, sequence_held_out, sequence_settings, sequence_tasks
 from stages.core.errors import cli_entry
-from stages.core.evaluation import PROMPT_FORMAT_FILE, Evaluator
+from stages.core.evaluation import PROMPT_FORMAT_FILE, Evaluator, item_rows
 from stages.core.io import atomic_write_json, read_json
 from stages.core.models import load_model, load_tokenizer
 
@@ -44,11 +46,11 @@ def main(argv=None) -> None:
                           max_length=train.get("max_length", 480) + 32, limit=args.limit or None, chat_template=bool(chat))
     began = time.perf_counter()
     scored = evaluator.score(model, tokenizer)
-    scores = {task: scored[task] for task in tasks}
+    scores = {task: scored.scores[task] for task in tasks}
     atomic_write_json(args.out, {"model": args.model, "sequence": args.sequence, "chat_template": bool(chat), "scores": scores,
-                                 "held_out": {task: scored[task] for task in held_out},
-                                 "eval_seconds": round(time.perf_counter() - began, 1)})
-    print(", ".join(f"{k} {v:.3f}" for k, v in scored.items()))
+                                 "held_out": {task: scored.scores[task] for task in held_out},
+                                 "eval_seconds": round(time.perf_counter() - began, 1), "items": item_rows(scored.items)})
+    print(", ".join(f"{k} {v:.3f}" for k, v in scored.scores.items()))
 
 
 if __name__ == "__main__":

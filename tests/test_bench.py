@@ -36,3 +36,16 @@ def test_bench_rejects_an_unknown_method(project, script_env, tmp_path):
                       cwd=project, env=script_env)
     assert proc.returncode == 2 and "error: method 'nosuch' has no script" in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_scoring_bench_times_both_scorers_on_one_call(project, script_env, tmp_path):
+    """--scoring: one scoring call of a sequence with lm-eval's HFLM and with the fast scorer, in one
+    process; the same outcome on every row (the times are not checked, only that both ran)."""
+    out = tmp_path / "scoring"
+    check(run_script("stages/bench.py", "--scoring", "--sequences", "default", "--limit", "4", "--out", str(out),
+                     cwd=project, env=script_env))
+    (result,) = json.loads((out / "scoring.json").read_text())["results"]
+    assert result["sequence"] == "default" and result["rows"] == 8 and result["same_outcomes"] == 8
+    assert result["lm_eval_s"] > 0 and result["fast_s"] > 0 and result["speedup"] == result["lm_eval_s"] / result["fast_s"]
+    assert result["lm_eval_peak_memory_mb"] > 0 and result["fast_peak_memory_mb"] > 0
+    assert "| default | 8 |" in (out / "scoring.md").read_text()

@@ -188,7 +188,7 @@ def test_trains_saves_reloads_and_merges(tuning_type, loretta_project, probe, mo
     else:  # base weights + the adapter, attached again by load_model; scored as in training
         assert (merged_dir / adapters.ADAPTER_CONFIG).is_file()
         assert sum(isinstance(m, loretta.TTAdapterLinear) for m in merged.modules()) == 4
-        scores = Evaluator(["mc"], "data/tasks", 16, max_length=96, limit=4).score(merged, tokenizer)
+        scores = Evaluator(["mc"], "data/tasks", 16, max_length=96, limit=4).score(merged, tokenizer).scores
         assert scores == metrics["final"]
     names = loretta.adapter_names(reloaded)
     assert 0 < metrics["trainable_params"] == sum(p.numel() for n, p in reloaded.named_parameters() if n in names)

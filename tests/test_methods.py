@@ -352,7 +352,7 @@ def test_rouge_task_scores_generations_with_rouge_score(tmp_path):
     write_jsonl(task / "train.jsonl", rows)
     write_jsonl(task / "test.jsonl", rows)
     atomic_write_json(task / "meta.json", {"name": "summ", "kind": "generate", "metric": "rouge", "source": "tests"})
-    score = Evaluator(["summ"], tmp_path / "tasks")._run(Writer())["summ"]
+    score = Evaluator(["summ"], tmp_path / "tasks")._run(Writer()).scores["summ"]
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     expected = [scorer.score(answer, text.split("\n")[0])["rougeL"].fmeasure for answer, text in zip(answers, written.values())]
     assert expected[0] == expected[1] == 1.0 and 0 < expected[2] < 1 and expected[3] == 0

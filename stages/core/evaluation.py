@@ -4,6 +4,13 @@ Each task folder (data/tasks/<name>) becomes an lm-eval task YAML written at run
 absolute paths (a relative path would resolve against whatever directory lm-eval runs in). The
 TaskManager is built once per Evaluator, so scoring after every task of a sequence does not
 re-index tasks.
+
+A scoring gives, per task, the aggregate score and every row's outcome (``Scored``): the number
+lm-eval averages into the score (acc: 1.0 or 0.0; exact_match: 1.0 or 0.0; ROUGE-L F in [0, 1]),
+keyed by the row's ``id``, so later statistics (bootstrap intervals, paired tests) need no
+re-scoring. Two scorers run the model: ``lm_eval`` (lm-eval's HFLM, the field's reference, used by
+the evaluate stage) and ``fast`` (stages/core/scoring.py: the same requests, metrics and outcomes;
+each question's context run once and a KV-cached greedy loop), the default for the accuracy matrix.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -25,6 +33,31 @@ PROMPT_FORMAT_FILE = "prompt_format.json"
 PRIMARY_METRIC = {"acc": "acc,none", "exact_match": "exact_match,strip", "rouge": "rougeL,none"}
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 METRICS_MODULE = "adaptlab_metrics"  # lm_eval_metrics.py, copied beside the YAMLs (lm-eval's !function)
+SCORERS = ("fast", "lm_eval")
+ITEMS_FILE = "items.json"  # a training run's row outcomes, beside its metrics.json: {after_<task>: {task: {id: outcome}}}
+
+
+@dataclass
+class Scored:
+    """One scoring: ``scores[task]`` is lm-eval's aggregate (its primary metric), ``items[task]``
+    maps each scored row's id to its outcome; the score is the mean of the outcomes."""
+
+    scores: dict[str, float]
+    items: dict[str, dict[str, float]]
+
+
+def item_rows(items: dict[str, dict[str, float]]) -> list[list]:
+    """Outcomes as [task, row id, outcome] rows: what a metrics file holds (DVC lists a metrics
+    file's numbers, and a list is not one: `dvc metrics show` stays one column per score)."""
+    return [[task, row, outcome] for task, outcomes in items.items() for row, outcome in outcomes.items()]
+
+
+def items_of(rows: list[list]) -> dict[str, dict[str, float]]:
+    """``item_rows`` read back: {task: {row id: outcome}}."""
+    items: dict[str, dict[str, float]] = {}
+    for task, row, outcome in rows:
+        items.setdefault(task, {})[row] = outcome
+    return items
 
 
 def max_answer_tokens(task_dir: Path) -> int:
@@ -81,6 +114,18 @@ def task_yaml(config: dict, metric: str) -> str:
     return text
 
 
+def exact_match_settled(answer: str, start: str) -> bool:
+    """Whether every generation starting with ``start`` fails to match ``answer`` (the exact-match
+    task above: whitespace stripped, case ignored): its stripped start is not the start of the
+    answer. Decided only where lower() maps every character to one character on its own (not 'İ',
+    whose lower case is two, nor 'Σ', whose lower case depends on what follows), so the lower
+    case of a longer text starts with the lower case of its start, in Python as in numpy's
+    np.char.lower that lm-eval's exact_match uses."""
+    head = start.strip()
+    plain = all(len(c.lower()) == 1 and c != "Σ" for c in head + answer)
+    return plain and not answer.lower().startswith(head.lower())
+
+
 def task_metric(meta: dict) -> str:
     """A task's metric from its meta.json (task folders written before metrics existed: by kind)."""
     return meta.get("metric") or ("acc" if meta["kind"] == "multiple_choice" else "exact_match")
@@ -89,16 +134,21 @@ def task_metric(meta: dict) -> str:
 class Evaluator:
     """Scores models on a fixed list of tasks; reuse one instance for a whole sequence.
     ``chat_template``: each prompt is the user turn of the tokenizer's chat template, the choice or
-    generation the assistant turn (lm-eval's apply_chat_template), as chat-trained models saw them."""
+    generation the assistant turn (lm-eval's apply_chat_template), as chat-trained models saw them.
+    ``scorer``: ``lm_eval`` runs the model through lm-eval's HFLM, ``fast`` through FastLM (same
+    outcomes, faster forwards)."""
 
     def __init__(self, task_names: list[str], tasks_dir: str | Path = "data/tasks",
                  batch_size: int = 32, max_length: int = 512, limit: int | None = None,
-                 chat_template: bool = False):
+                 chat_template: bool = False, scorer: str = "lm_eval"):
         import datasets
         from lm_eval.tasks import TaskManager  # lm-eval is slow to import; only evaluators need it
 
         self.task_names, self.batch_size, self.max_length, self.limit = list(task_names), batch_size, max_length, limit
         self.chat_template = chat_template
+        if scorer not in SCORERS:
+            fail(f"scorer '{scorer}' is not valid: expected one of {', '.join(SCORERS)}")
+        self.scorer = scorer
         self.metrics: dict[str, str] = {}
         self._yaml_dir = tempfile.TemporaryDirectory(prefix="adaptlab-lm-eval-")
         shutil.copy(Path(__file__).with_name("lm_eval_metrics.py"), Path(self._yaml_dir.name, f"{METRICS_MODULE}.py"))
@@ -116,25 +166,51 @@ class Evaluator:
         datasets.disable_progress_bars()
         self.task_manager = TaskManager(include_path=self._yaml_dir.name, include_defaults=False)
 
-    def _run(self, lm) -> dict[str, float]:
+    def _run(self, lm, tasks: list[str] | None = None) -> Scored:
+        """Score ``tasks`` (default: all of this evaluator's) with the lm-eval model ``lm``."""
         import lm_eval
 
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=[f"adaptlab_{n}" for n in self.task_names], task_manager=self.task_manager,
-            limit=self.limit, log_samples=False, verbosity="ERROR", bootstrap_iters=0,
+        tasks = self.task_names if tasks is None else list(tasks)
+        unknown = [t for t in tasks if t not in self.metrics]
+        if unknown:
+            fail(f"task '{unknown[0]}' is not one of this evaluator's tasks ({', '.join(self.task_names)})")
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=[f"adaptlab_{n}" for n in tasks], task_manager=self.task_manager,
+            limit=self.limit, log_samples=True, verbosity="ERROR", bootstrap_iters=0,
             apply_chat_template=self.chat_template,
-        )["results"]
-        return {n: float(results[f"adaptlab_{n}"][PRIMARY_METRIC[self.metrics[n]]]) for n in self.task_names}
+        )
+        scores, items = {}, {}
+        for name in tasks:
+            key = PRIMARY_METRIC[self.metrics[name]]
+            scores[name] = float(out["results"][f"adaptlab_{name}"][key])
+            metric, filter_name = key.split(",")
+            # a logged sample holds the very values lm-eval aggregates, once per filter
+            items[name] = {str(s["doc"]["id"]): float(s[metric]) for s in out["samples"][f"adaptlab_{name}"]
+                           if s["filter"] == filter_name}
+        return Scored(scores, items)
 
-    def score(self, model, tokenizer) -> dict[str, float]:
-        """Score an in-memory transformers model (eval mode, no gradients)."""
+    def _settled(self, request, start: str) -> bool:
+        """FastLM's early stop: the generation's outcome is known from its start (exact match only)."""
+        name = request.task_name.removeprefix("adaptlab_")
+        return self.metrics.get(name) == "exact_match" and exact_match_settled(str(request.doc["answer"]), start)
+
+    def language_model(self, model, tokenizer):
+        """The lm-eval model that scores ``model`` with this evaluator's scorer (puts it in eval mode)."""
+        if self.scorer == "fast":
+            from .scoring import FastLM
+
+            return FastLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_length=self.max_length,
+                          settled=self._settled)
         from lm_eval.models.huggingface import HFLM
 
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_length=self.max_length)
+
+    def score(self, model, tokenizer, tasks: list[str] | None = None) -> Scored:
+        """Score an in-memory transformers model (eval mode, no gradients) on ``tasks`` (default: all)."""
         if self.chat_template and not getattr(tokenizer, "chat_template", None):
             fail("chat_template is set but the tokenizer has no chat template: score with --no-chat_template")
         was_training = model.training
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_length=self.max_length)
         try:
-            return self._run(lm)
+            return self._run(self.language_model(model, tokenizer), tasks)
         finally:
             model.train(was_training)

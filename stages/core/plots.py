@@ -36,7 +36,8 @@ def plot_losses(lines: list[dict], path: Path, title: str) -> None:
 
 
 def plot_matrices(lines: list[dict], path: Path, per_line: int = 4) -> None:
-    """Every row's accuracy matrix (scores on every task after training each one), annotated."""
+    """Every row's accuracy matrix (scores on every task after training each one), annotated; a
+    cell that was not scored (None: no metric reads it, params train.full_matrix) is hatched."""
     tasks = lines[0]["tasks"]
     rows = -(-len(lines) // per_line)
     cols = min(per_line, len(lines))
@@ -44,10 +45,14 @@ def plot_matrices(lines: list[dict], path: Path, per_line: int = 4) -> None:
     for ax in axes.flat[len(lines):]:
         ax.axis("off")
     for ax, line in zip(axes.flat, lines):
-        image = ax.imshow(line["matrix"], vmin=0, vmax=1, cmap="viridis")
+        cells = [[float("nan") if value is None else value for value in values] for values in line["matrix"]]
+        image = ax.imshow(cells, vmin=0, vmax=1, cmap="viridis")
         for i, values in enumerate(line["matrix"]):
             for j, value in enumerate(values):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+                if value is None:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.8", lw=0))
+                else:
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
         ax.set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=8)
         ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=8)
         bwt = "–" if line["BWT"] is None else f"{line['BWT']:.2f}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .errors import fail
+from .evaluation import SCORERS
 
 MISSING = dataclasses.MISSING
 
@@ -271,6 +272,11 @@ class TrainSettings:
     save_every_task: bool = setting(help="keep the model after every task in the run folder, not only the final one")
     chat_template: bool = setting(False, help="train and score through the tokenizer's chat template "
                                               "(user turn = prompt, assistant turn = answer)")
+    scorer: str = setting("fast", choices=SCORERS,
+                          help="what scores the accuracy matrix: fast (lm-eval's requests and metrics, each context run "
+                               "once, KV-cached generation: stages/core/scoring.py) or lm_eval; the evaluate stage is lm-eval")
+    full_matrix: bool = setting(False, help="score every cell of the accuracy matrix; false: on sequences of 4+ tasks "
+                                            "only the 3T-2 cells AP, BWT and FWT read (the others are null)")
 
     def __post_init__(self):
         check_positive(self, "lr", "batch_size", "grad_accum", "steps_per_task", "max_length", "checkpoint_every",

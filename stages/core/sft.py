@@ -4,9 +4,11 @@ A method script supplies a ``Method``: how to wrap the base model (``build``) an
 optimizer. Everything else is here, written once:
 
 * the command line, generated from params.yaml (``train:`` merged with ``methods.<name>:``);
-* the sequence: train task 1, save the adapter, score every task with lm-eval, train task 2 ...
-  (one adapter continues through the sequence; optimizer and schedule restart per task); after
-  the last task, the sequence's held-out tasks (never trained) are scored too;
+* the sequence: train task 1, save the adapter, score the tasks with lm-eval, train task 2 ...
+  (one adapter continues through the sequence; optimizer and schedule restart per task); the
+  scores after each task form the accuracy matrix (every cell, or on sequences of 4+ tasks only
+  the cells AP, BWT and FWT read unless ``--full_matrix``), each cell with its rows' outcomes;
+  after the last task the sequence's held-out tasks (never trained) are scored too;
 * checkpoints every ``checkpoint_every`` steps (trainable weights, optimizer, schedule and RNG of
   every process) under ``--work_dir``, so a killed run resumes and ends with identical metrics;
 * accelerate, so ``accelerate launch methods/<x>4sft.py`` runs data-parallel unchanged;
@@ -18,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import math
-import resource
 import shutil
 import statistics
 import time
@@ -39,9 +41,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from . import config as cfglib
 from . import settings
 from .batches import batch_order, causal_lm_loss, collate, encode_chat, encode_example, encode_rows
-from .continual import average_performance, backward_transfer
+from .continual import average_performance, backward_transfer, scored_tasks
 from .errors import cli_entry, fail
-from .evaluation import Evaluator
+from .evaluation import ITEMS_FILE, Evaluator
 from .io import _prune, atomic_dir, atomic_write_json, read_json
 from .models import load_model, load_tokenizer
 from .outputs import RunFolders
@@ -327,10 +329,28 @@ def set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- training
 
+def reset_peak_memory() -> None:
+    """Start a new phase for ``peak_memory_mb``: torch's peak counter on GPU; on Linux the process's
+    resident high-water mark (``5 > /proc/self/clear_refs``), so training is not charged with the
+    memory scoring used before it. Where the mark cannot be reset, the peak stays the process's."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb() -> float:
-    """Peak GPU memory allocated by torch, or the process's peak resident set on CPU."""
+    """Peak GPU memory allocated by torch since the last ``reset_peak_memory``, or the peak resident
+    set on CPU (Linux's VmHWM; elsewhere the process's ru_maxrss)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -447,12 +467,9 @@ class Trainer:
             if self.accelerator.is_main_process:
                 model.save_pretrained(self.initial_adapter)
         self.model = self.accelerator.prepare(model)
-        self.evaluator = Evaluator(cfg.tasks, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
-                                   limit=cfg.eval_limit or None, chat_template=cfg.chat_template,
+        self.evaluator = Evaluator(cfg.tasks + cfg.held_out, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
+                                   limit=cfg.eval_limit or None, chat_template=cfg.chat_template, scorer=cfg.scorer,
                                    ) if self.accelerator.is_main_process else None
-        self.held_out = Evaluator(cfg.held_out, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
-                                  limit=cfg.eval_limit or None, chat_template=cfg.chat_template,
-                                  ) if self.accelerator.is_main_process and cfg.held_out else None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -509,6 +526,7 @@ class Trainer:
         # Losses since the last log; part of the checkpointed history, so a run resumed between two
         # logs logs the same means as an uninterrupted one.
         window: list[float] = history.setdefault("window", [])
+        reset_peak_memory()  # this task's training peak, not the scoring before it
         bar = tqdm(range(start, cfg.steps_per_task), desc=f"task {index + 1}/{len(self.tasks)} {task.name}",
                    disable=not acc.is_local_main_process, initial=start, total=cfg.steps_per_task)
         for step in bar:
@@ -538,10 +556,12 @@ class Trainer:
         return history
 
     def finish_task(self, index: int, history: dict) -> dict:
-        """Save the adapter after task ``index`` and score every task of the sequence (after the
-        last task, the held-out tasks too)."""
+        """Save the adapter after task ``index`` and score the tasks of the sequence the metrics need
+        (``scored_tasks``; after the last task, the held-out tasks too): their scores, every row's
+        outcome and the peak memory of scoring."""
         record = {"task": self.tasks[index].name, "loss": history["loss"], "step_time": history["step_time"],
                   "peak_memory_mb": history["peak_memory_mb"]}
+        names = [t.name for t in self.tasks]
         if self.accelerator.is_main_process:
             folder = self.work.task_dir(index)
             with atomic_dir(folder) as tmp:
@@ -550,10 +570,18 @@ class Trainer:
                 else:
                     export_trained(self.unwrapped, tmp / "adapter", self.initial_adapter)
                 save_file(tuned_state(self.unwrapped, self.tuned), tmp / "tuned.safetensors")
+                reset_peak_memory()
                 merged = (self.method.merged or mergeable_copy)(self.unwrapped)
-                record["scores"] = self.evaluator.score(merged, self.tokenizer)
-                if self.held_out and index == len(self.tasks) - 1:
-                    record["held_out"] = self.held_out.score(merged, self.tokenizer)
+                wanted = [names[i] for i in scored_tasks(len(names), index, self.cfg.full_matrix)]
+                held_out = self.cfg.held_out if index == len(names) - 1 else []
+                scored = self.evaluator.score(merged, self.tokenizer, wanted + held_out)
+                record["scores"] = {task: scored.scores[task] for task in wanted}
+                if held_out:
+                    record["held_out"] = {task: scored.scores[task] for task in held_out}
+                record["items"] = scored.items  # the held-out tasks' too
+                record["scoring_peak_memory_mb"] = peak_memory_mb()
+                del merged, scored
+                gc.collect()  # the merged copy goes before the next task's training peak is measured
                 atomic_write_json(tmp / "record.json", record)
             shutil.rmtree(self.work.state_dir, ignore_errors=True)
             scored = {**record["scores"], **{f"{k} (held out)": v for k, v in record.get("held_out", {}).items()}}
@@ -586,7 +614,7 @@ class Trainer:
     def write_outputs(self, records: list[dict]) -> None:
         cfg = self.cfg
         names = [t.name for t in self.tasks]
-        matrix = [[r["scores"][n] for n in names] for r in records]
+        matrix = [[r["scores"].get(n) for n in names] for r in records]  # None: a cell not scored
         # The first steps of a task include allocator warm-up: leave them out of the median.
         step_times = [t for r in records for t in (r["step_time"][2:] or r["step_time"])]
         summary = {
@@ -594,7 +622,8 @@ class Trainer:
             "chat_template": bool(cfg.chat_template),  # the prompt format every score of the run used
             # numbers the run can change over all its tasks; the base model's size
             "trainable_params": self.trainable, "total_params": self.total,
-            "peak_memory_mb": round(max(r["peak_memory_mb"] for r in records), 1),
+            "peak_memory_mb": round(max(r["peak_memory_mb"] for r in records), 1),  # training
+            "scoring_peak_memory_mb": round(max(r["scoring_peak_memory_mb"] for r in records), 1),
             "step_time_s": round(statistics.median(step_times), 4),
             "AP": average_performance(matrix), "BWT": backward_transfer(matrix),
             "final": dict(zip(names, matrix[-1])),
@@ -608,6 +637,8 @@ class Trainer:
             atomic_write_json(out / "train_config.json", vars(cfg))
         with atomic_dir(cfg.results_dir) as res:
             write_live(res, records, summary)
+            # every scored cell's row outcomes: {after_<task>: {task: {row id: outcome}}}
+            atomic_write_json(res / ITEMS_FILE, {f"after_{r['task']}": r["items"] for r in records})
 
 
 # What `dvc metrics show` and `dvc exp show` list of a run (metrics.json); the rest of its summary
