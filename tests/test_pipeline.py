@@ -182,15 +182,15 @@ def test_tables_hold_the_method_row_and_valid_plots(reference_run, pipeline_resu
     cells = next((line for line in lines if line[0] == "lora"), None)
     assert cells is not None, tables
     assert cells[1] == f"{metrics['trainable_params']:,}"
-    assert cells[5:7] == [f"{merged[t]:.3f}" for t in TASKS]
-    assert cells[7:9] == [f"{metrics['AP']:.3f}", f"{metrics['BWT']:.3f}"]
+    assert [c.split(" ± ")[0] for c in cells[5:9]] == [f"{merged[t]:.3f}" for t in TASKS] + [f"{metrics['AP']:.3f}", f"{metrics['BWT']:.3f}"]
+    assert all(" ± " in c for c in cells[5:9])  # every number with the half-width of its interval
     assert any(line[0] == "base model (zero-shot)" for line in lines)
     csv_rows = list(csv.DictReader((table / "table.csv").read_text().splitlines()))
     assert {r["method"] for r in csv_rows} == {"base model (zero-shot)", "lora"}
     assert {r["sequence"] for r in csv_rows} == {"default"}
     ap = next(r["value"] for r in csv_rows if r["method"] == "lora" and r["column"] == "AP")
     assert float(ap) == pytest.approx(metrics["AP"])
-    for name in ("scores_default.png", "loss_default.png", "matrix_default.png"):
+    for name in ("scores_default.png", "pareto_default.png", "loss_default.png", "matrix_default.png"):
         png = (table / "plots" / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 1000 and b"IEND" in png[-12:]
 

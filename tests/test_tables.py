@@ -7,6 +7,7 @@ evaluate stage apart from the sequence's tasks; a held-out task the sequence tra
 
 from __future__ import annotations
 
+import csv as csv_module
 import json
 
 import pytest
@@ -36,6 +37,24 @@ def base_record(chat_template: bool = False, **extra) -> dict:
             "scores": {t: 0.4 for t in TASKS}, **extra}
 
 
+def outcomes(score: float, n: int = 40) -> dict[str, float]:
+    """n test rows' 0/1 outcomes whose mean is ``score`` (to 1/n)."""
+    return {str(i): float(i < round(score * n)) for i in range(n)}
+
+
+def with_items(record: dict) -> dict:
+    """The record with per-row outcomes (collect.py's "items") matching its scores, unless it has them."""
+    if "items" in record:
+        return record
+    if record["kind"] == "base":
+        return {**record, "items": {t: outcomes(v) for t, v in {**record["scores"], **record.get("held_out", {})}.items()}}
+    items = {after: {t: outcomes(v) for t, v in cells.items()} for after, cells in record["matrix"].items()}
+    items[f"after_{record['tasks'][-1]}"].update({t: outcomes(v) for t, v in record.get("held_out", {}).items()})
+    merged = record["merged"] and {**record["merged"], "items": {
+        t: outcomes(v) for t, v in {**record["merged"]["scores"], **record["merged"].get("held_out", {})}.items()}}
+    return {**record, "items": items, "merged": merged}
+
+
 @pytest.fixture()
 def table_dir(tmp_path, monkeypatch):
     """A folder with params.yaml (one table: lora and dora on the default sequence, merged), its
@@ -51,7 +70,7 @@ def table_dir(tmp_path, monkeypatch):
 
     def write(base: dict, lora: dict, dora: dict):
         for name, record in (("base-default", base), ("lora-default-s0", lora), ("dora-default-s0", dora)):
-            (runs / f"{name}.json").write_text(json.dumps(record))
+            (runs / f"{name}.json").write_text(json.dumps(with_items(record)))
         return tmp_path
     return write
 
@@ -174,3 +193,60 @@ def test_repository_default_table_holds_out_the_knowledge_corda_kpa_calibrates_o
     assert params["tasks"][calib]["train_size"] >= params["methods"]["corda_kpa"]["decompose"]["args"]["calib_loader_size"]
     assert params["tasks"][calib]["kind"] == "multiple_choice"
     assert all(table["sequences"] == ["default"] for name, table in params["tables"].items() if name in ("quick", "default"))
+
+
+# ----------------------------------------------------------------------------- how sure
+
+def cells_of(page: str) -> dict[str, list[str]]:
+    return {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in page.splitlines()
+                                          if line.startswith("| ") and not line.startswith("| method"))}
+
+
+def test_every_number_has_an_interval_and_only_clear_differences_are_marked(table_dir, capsys):
+    """On 40 test rows a gain of 0.5 -> 0.9 on every task is far outside the noise (▲ and a ΔAP
+    interval above zero); the base line is not compared; the CSV holds every interval."""
+    lora = run_record("lora", merged_chat=False)
+    lora["merged"]["scores"] = {t: 0.5 for t in TASKS}
+    dora = run_record("dora", merged_chat=False)
+    dora["merged"]["scores"] = {t: 0.9 for t in TASKS}
+    folder = table_dir(base_record(), lora, dora)
+    code, page = render(folder, capsys)
+    assert code == 0, page
+    cells = cells_of(page)
+    header = [c.strip() for c in next(line for line in page.splitlines() if line.startswith("| method")).split("|")[1:-1]]
+    ap = header.index("AP")
+    assert cells["lora"][ap].startswith("0.500 ± ") and "▲" not in cells["lora"][ap] and "▼" not in cells["lora"][ap]
+    assert cells["dora"][ap].startswith("0.900 ± ") and cells["dora"][ap].endswith("▲")
+    delta = cells["dora"][header.index("ΔAP vs lora")]
+    low = float(delta.split("[")[1].split(",")[0])
+    assert delta.startswith("+0.400 [") and delta.endswith("▲") and low > 0
+    assert cells["lora"][header.index("ΔAP vs lora")] == "–"
+    assert "▲" not in "".join(cells["base model (zero-shot)"])
+    assert "cannot be told from noise" in page
+    rows = list(csv_module.DictReader((folder / "results" / "tables" / "default" / "table.csv").read_text().splitlines()))
+    dora_ap = next(r for r in rows if r["method"] == "dora" and r["column"] == "AP")
+    assert float(dora_ap["low"]) < 0.9 < float(dora_ap["high"]) and dora_ap["vs_reference"] == "1"
+    assert (folder / "results" / "tables" / "default" / "plots" / "pareto_default.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_same_scores_are_not_marked(table_dir, capsys):
+    code, page = render(table_dir(base_record(), run_record("lora", merged_chat=False),
+                                  run_record("dora", merged_chat=False)), capsys)
+    assert code == 0
+    cells = "".join(c for line in cells_of(page).values() for c in line)
+    assert cells and "▲" not in cells and "▼" not in cells
+
+
+def test_rows_scored_on_other_test_rows_are_refused(table_dir, capsys):
+    """A paired comparison needs the same items: a row scored on fewer test rows is one line."""
+    dora = with_items(run_record("dora", merged_chat=False))
+    dora["merged"]["items"] = {t: outcomes(0.5, n=20) for t in TASKS}
+    code, err = render(table_dir(base_record(), run_record("lora", merged_chat=False), dora), capsys)
+    assert code == 2 and "\n" not in err and "20 test rows of 'mc'" in err and "same test rows" in err
+
+
+def test_pareto_front_keeps_what_nothing_cheaper_beats():
+    from stages.tables import pareto_front
+
+    points = [(100, 0.5), (50, 0.4), (200, 0.45), (300, 0.7), (50, 0.3)]
+    assert pareto_front(points) == [1, 0, 3]
