@@ -54,7 +54,7 @@ docs: venv
 # The first table (params.yaml: tables.quick): its stages are the full tables' own, so a later
 # `make repro-all` (= dvc repro) reuses them. Prints what will run and how long it should take.
 repro: plan
-	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/repro.py tables@quick
+	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/repro.py -j 2 tables@quick
 
 # Every table.
 repro-all: plan

@@ -436,7 +436,7 @@ def test_repository_params_hold_the_papers_defaults(capsys, monkeypatch):
     assert orders == {"gorp_order1": [dbpedia, amazon, yahoo, agnews],
                       "gorp_order2": [dbpedia, amazon, agnews, yahoo],
                       "gorp_order3": [yahoo, amazon, agnews, dbpedia]}
-    assert all((params["tasks"][t]["train_size"], params["tasks"][t]["test_size"]) == (64, 30) for t in orders["gorp_order1"])
+    assert all((params["tasks"][t]["train_size"], params["tasks"][t]["test_size"]) == (64, 300) for t in orders["gorp_order1"])
     assert {"gorp", "o_lora", "lora", "galore", "cimeo"} <= set(params["tables"]["gorp"]["rows"])
 
 
@@ -503,13 +503,21 @@ def test_o_lora_script_saves_a_plain_model(gorp_project, script_env):
 
 def test_tables_average_ap_and_bwt_over_the_orders():
     """GORP's headline table (any table over several sequences): every order's AP per method,
-    then AP and BWT averaged over the orders."""
+    then AP and BWT averaged over the orders and the mean AP's difference from the reference,
+    each as replicates (index 0: the value as measured)."""
+    import numpy as np
+
     from stages.tables import summary_over_sequences
 
-    table = {"sequences": ["o1", "o2"], "rows": ["gorp", "lora"]}
-    by_order = {"o1": [{"row": "gorp", "AP": 0.6, "BWT": 0.0}, {"row": "lora", "AP": 0.4, "BWT": -0.1}],
-                "o2": [{"row": "gorp", "AP": 0.5, "BWT": 0.1}, {"row": "lora", "AP": 0.5, "BWT": -0.2}]}
+    def line(row, ap, bwt):  # two replicates after the measured value
+        return {"row": row, "stats": {"AP": np.array([ap, ap - 0.01, ap + 0.01]), "BWT": np.array([bwt] * 3)}}
+
+    table = {"sequences": ["o1", "o2"], "rows": ["gorp", "lora"], "reference": "lora"}
+    by_order = {"o1": [line("gorp", 0.6, 0.0), line("lora", 0.4, -0.1)],
+                "o2": [line("gorp", 0.5, 0.1), line("lora", 0.5, -0.2)]}
     header, rows = summary_over_sequences(table, by_order)
-    assert header == ["method", "AP o1", "AP o2", "mean AP", "mean BWT"]
-    assert rows[0] == ["gorp", 0.6, 0.5, pytest.approx(0.55), pytest.approx(0.05)]
-    assert rows[1] == ["lora", 0.4, 0.5, pytest.approx(0.45), pytest.approx(-0.15)]
+    assert header == ["method", "AP o1", "AP o2", "mean AP", "mean BWT", "Δ mean AP vs lora"]
+    measured = [[c if c is None else (c[1][0] if isinstance(c[0], str) else c[0][0]) for c in r[1:]] for r in rows]
+    assert measured[0] == [0.6, 0.5, pytest.approx(0.55), pytest.approx(0.05), pytest.approx(0.1)]
+    assert measured[1] == [0.4, 0.5, pytest.approx(0.45), pytest.approx(-0.15), None]
+    assert rows[0][1][1] is by_order["o1"][1]["stats"]["AP"] and rows[1][1][1] is None  # the reference is not compared
