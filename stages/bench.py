@@ -346,9 +346,8 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
     methods = args.methods or section(load_params(args.params), "tables", "default")["rows"]
-    missing = [m for m in methods if not (ROOT / "methods" / f"{m}4sft.py").is_file()]
-    if missing:
-        fail(f"method '{missing[0]}' has no script methods/{missing[0]}4sft.py")
+    for name in methods:  # one line before any work: an unknown row, or a row whose script is missing
+        load_method(name, args.params)
     entries = list(FLOORS) + [PEER, "lora"] + [m for m in methods if m != "lora"]
     results = [run_entry(name, args) for name in entries]
     report(results, Path(args.out), args)

@@ -249,8 +249,10 @@ def main(argv=None) -> None:
         fail(f"-j must be at least 1, got {args.jobs}")
     minutes = estimate(stages, timings) / 60
     pace = "" if args.jobs == 1 else f", less with {args.jobs} at a time"
-    print(f"{len(stages)} stages to run ({counts or 'none'}): about {minutes:.0f} min one at a time{pace} "
-          f"(results/timings.json, from earlier runs)", flush=True)
+    source = ("results/timings.json: the times these stages took before, the median of their kind for new ones"
+              if timings.get("stages") else "no results/timings.json yet: a first guess per kind of stage")
+    print(f"{len(stages)} stages to run ({counts or 'none'}): about {minutes:.0f} min one at a time{pace} ({source})",
+          flush=True)
     if args.dry or not stages:
         return
     if args.jobs == 1 and args.executor == "threads":

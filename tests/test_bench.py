@@ -34,7 +34,7 @@ def test_bench_reports_floors_lora_and_methods(project, script_env, tmp_path):
 def test_bench_rejects_an_unknown_method(project, script_env, tmp_path):
     proc = run_script("stages/bench.py", "--methods", "nosuch", "--repeats", "1", "--out", str(tmp_path / "b"),
                       cwd=project, env=script_env)
-    assert proc.returncode == 2 and "error: method 'nosuch' has no script" in proc.stderr
+    assert proc.returncode == 2 and "error: unknown methods.nosuch" in proc.stderr
     assert not (tmp_path / "b").exists()
 
 

@@ -250,3 +250,39 @@ def test_pareto_front_keeps_what_nothing_cheaper_beats():
 
     points = [(100, 0.5), (50, 0.4), (200, 0.45), (300, 0.7), (50, 0.3)]
     assert pareto_front(points) == [1, 0, 3]
+
+
+def test_fewer_test_rows_detect_only_larger_differences(table_dir, capsys):
+    """stages/analysis/detectable.py: the same runs restricted to each task's first 10 of 40 test
+    rows (what test_size: 10 would have drawn) give a wider ΔAP interval; a bad --first is one line."""
+    from stages.analysis.detectable import main as detectable_main
+
+    import random
+
+    rng = random.Random(0)
+
+    def shuffled(record: dict) -> dict:  # the same scores, the right rows spread over the 40
+        record = with_items(record)
+        for cells in [*record["items"].values(), record["merged"]["items"]]:
+            for task, outcomes in cells.items():
+                values = list(outcomes.values())
+                rng.shuffle(values)
+                cells[task] = dict(zip(outcomes, values))
+        return record
+
+    lora, dora = run_record("lora", merged_chat=False), run_record("dora", merged_chat=False)
+    dora["merged"]["scores"] = {t: 0.7 for t in TASKS}
+    folder = table_dir(base_record(), shuffled(lora), shuffled(dora))
+    assert render(folder, capsys)[0] == 0
+    for task in TASKS:
+        (folder / "data" / "tasks" / task).mkdir(parents=True)
+        (folder / "data" / "tasks" / task / "test.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(40)))
+    args = ["--table", "default", "--params", str(folder / "params.yaml"), "--results", str(folder / "results" / "tables"),
+            "--tasks_dir", str(folder / "data" / "tasks")]
+    detectable_main([*args, "--first", "mc=10", "gen=10"])
+    line = capsys.readouterr().out.strip()
+    full, fewer = (float(part.split("±")[1].split(" ")[0].rstrip(";")) for part in line.split("detectable ΔAP")[1].split("; "))
+    assert 0 < full < fewer, line
+    with pytest.raises(SystemExit):
+        detectable_main([*args, "--first", "mc=ten"])
+    assert "--first 'mc=ten' is not valid" in capsys.readouterr().err
