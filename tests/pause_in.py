@@ -32,7 +32,12 @@ def pause() -> None:
         except FileExistsError:
             return
     print("PAUSED", flush=True)
-    time.sleep(600)
+    # Short naps, not one long sleep: the kernel may deliver the test's SIGINT to any thread of
+    # the process (torch's, tqdm's); CPython then only sets a flag, and a main thread inside one
+    # 600 s sleep would not look at it before the sleep ends. Between naps it is handled at once.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def install(point: str) -> None:
