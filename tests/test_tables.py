@@ -255,9 +255,9 @@ def test_pareto_front_keeps_what_nothing_cheaper_beats():
 def test_fewer_test_rows_detect_only_larger_differences(table_dir, capsys):
     """stages/analysis/detectable.py: the same runs restricted to each task's first 10 of 40 test
     rows (what test_size: 10 would have drawn) give a wider ΔAP interval; a bad --first is one line."""
-    from stages.analysis.detectable import main as detectable_main
-
     import random
+
+    from stages.analysis.detectable import main as detectable_main
 
     rng = random.Random(0)
 
