@@ -346,13 +346,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(lines: list[dict], path: Path, title: str) -> None:
-    """AP (95% interval) against what a row costs: peak training memory, and the share of the
-    base model it trains; the rows on the Pareto front (nothing cheaper scores higher) joined."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """AP (95% interval) against what a row costs: the share of the base model it trains, its
+    peak training memory and its step time; the rows on the Pareto front (nothing cheaper scores
+    higher) joined."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ap = [line["stats"]["AP"] for line in lines]
-    for ax, cost, label, log in ((axes[0], [line["memory"] for line in lines], "peak training memory (MB)", False),
-                                 (axes[1], [100 * line["trainable"] / line["total"] for line in lines],
-                                  "trained numbers, % of the base model", True)):
+    for ax, cost, label, log in ((axes[0], [100 * line["trainable"] / line["total"] for line in lines],
+                                  "trained numbers, % of the base model", True),
+                                 (axes[1], [line["memory"] for line in lines], "peak training memory (MB)", False),
+                                 (axes[2], [line["step_time"] for line in lines], "step time (s)", False)):
         ax.errorbar(cost, [a[0] for a in ap], yerr=errors(ap), fmt="o", ms=4, capsize=2, lw=0.8, color="tab:blue")
         front = pareto_front([(c, a[0]) for c, a in zip(cost, ap)])
         ax.plot([cost[i] for i in front], [ap[i][0] for i in front], color="tab:red", lw=1.2, drawstyle="steps-post",
