@@ -14,6 +14,7 @@ import functools
 import importlib
 import os
 import runpy
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,10 @@ def install(point: str) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C as in a terminal, whatever the test process left: a child inherits an ignored SIGINT
+    # (DVC's stage runner sets SIG_IGN while a command runs and restores it only when the old
+    # handler was not SIG_DFL), and CPython then keeps ignoring it, so the signal would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     install(sys.argv[1])
     script = sys.argv[2]
     sys.argv = [script, *sys.argv[3:]]
