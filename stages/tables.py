@@ -206,13 +206,16 @@ class Bootstrap:
         return {k: self.draws.over_seeds(np.stack([s[k] for s in per_seed])) for k in per_seed[0]}
 
 
+MARKS = {1: " ▲", -1: " ▼", 0: ""}  # stats.excludes_zero of a difference from the reference row
+
+
 def shown(replicates: np.ndarray | None, reference: np.ndarray | None = None) -> str | None:
     """A cell: the value, ± the half-width of its interval, and ▲ / ▼ where its difference from
     ``reference`` (the reference row's same number) excludes zero."""
     if replicates is None:
         return None
     estimate, low, high = stats.interval(replicates)
-    mark = {1: " ▲", -1: " ▼", 0: ""}[stats.excludes_zero(replicates - reference)] if reference is not None else ""
+    mark = MARKS[stats.excludes_zero(replicates - reference)] if reference is not None else ""
     return f"{estimate:.3f} ± {(high - low) / 2:.3f}{mark}"
 
 
@@ -221,7 +224,7 @@ def shown_difference(difference: np.ndarray | None) -> str | None:
     if difference is None:
         return None
     estimate, low, high = stats.interval(difference)
-    mark = {1: " ▲", -1: " ▼", 0: ""}[stats.excludes_zero(difference)]
+    mark = MARKS[stats.excludes_zero(difference)]
     return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
 
 
@@ -395,6 +398,21 @@ def summary_over_sequences(table: dict, by_sequence: dict[str, list[dict]]) -> t
     return header, rows
 
 
+def sequence_lines(name: str, table: dict, boot: Bootstrap, bases: dict, runs: dict,
+                   sequence: str) -> tuple[dict | None, list[dict]]:
+    """(the base model's replicates, one line per row with its ``stats``) of one sequence's block."""
+    base = bases[sequence]
+    zero = boot.base(base) if base else None
+    held_out = held_out_tasks(name, sequence, base, [(f"row {row}-{sequence}-s{seed}", run) for row in table["rows"]
+                                                     for seed, run in zip(table["seeds"], runs[row, sequence])])
+    lines = []
+    for row in table["rows"]:
+        line = row_summary(row, runs[row, sequence], base["scores"] if base else None, held_out)
+        line["stats"] = boot.row(runs[row, sequence], held_out, zero)
+        lines.append(line)
+    return zero, lines
+
+
 def render(name: str, table: dict, runs_dir: Path, plots: Path) -> tuple[str, list[list]]:
     """(Markdown page, tidy CSV rows) of one table, its plots written into ``plots``."""
     bases, runs = load_runs(runs_dir, table)
@@ -419,15 +437,7 @@ def render(name: str, table: dict, runs_dir: Path, plots: Path) -> tuple[str, li
     csv_rows: list[list] = []
     by_sequence = {}
     for sequence in table["sequences"]:
-        base = bases[sequence]
-        zero = boot.base(base) if base else None
-        held_out = held_out_tasks(name, sequence, base, [(f"row {row}-{sequence}-s{seed}", run) for row in table["rows"]
-                                                         for seed, run in zip(table["seeds"], runs[row, sequence])])
-        lines = []
-        for row in table["rows"]:
-            line = row_summary(row, runs[row, sequence], base["scores"] if base else None, held_out)
-            line["stats"] = boot.row(runs[row, sequence], held_out, zero)
-            lines.append(line)
+        zero, lines = sequence_lines(name, table, boot, bases, runs, sequence)
         by_sequence[sequence] = lines
         header, rows = sequence_block(zero, lines, table["reference"])
         title = f"{' → '.join(lines[0]['tasks'])}"

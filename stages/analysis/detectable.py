@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stages.core.config import OneLineParser, load_params, section
 from stages.core.errors import cli_entry, fail
-from stages.tables import Bootstrap, detectable, held_out_tasks, item_ids, load_runs, row_summary
+from stages.tables import Bootstrap, detectable, item_ids, load_runs, sequence_lines
 
 
 def first_rows(tasks_dir: Path, task: str, n: int) -> set[str]:
@@ -35,19 +35,8 @@ def half_widths(name: str, table: dict, folder: Path, keep: dict[str, set[str]])
     bases, runs = load_runs(folder, table)
     ids = {t: [i for i in rows if t not in keep or i in keep[t]] for t, rows in item_ids(name, table, bases, runs).items()}
     boot = Bootstrap(ids, len(table["seeds"]))
-    out = {}
-    for sequence in table["sequences"]:
-        base = bases[sequence]
-        zero = boot.base(base) if base else None
-        held_out = held_out_tasks(name, sequence, base, [(f"row {row}", run) for row in table["rows"]
-                                                          for run in runs[row, sequence]])
-        lines = []
-        for row in table["rows"]:
-            line = row_summary(row, runs[row, sequence], base["scores"] if base else None, held_out)
-            line["stats"] = boot.row(runs[row, sequence], held_out, zero)
-            lines.append(line)
-        out[sequence] = detectable(lines, table["reference"])
-    return out
+    return {sequence: detectable(sequence_lines(name, table, boot, bases, runs, sequence)[1], table["reference"])
+            for sequence in table["sequences"]}
 
 
 @cli_entry
