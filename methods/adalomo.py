@@ -70,11 +70,11 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
 from stages.core.errors import fail
 from stages.core.sft import weight_decay_groups
+
+import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from stages.core.sft import StepInputs

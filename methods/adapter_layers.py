@@ -14,10 +14,10 @@ import copy
 import re
 from collections.abc import Callable, Sequence
 
+from stages.core.errors import fail
+
 import torch
 from torch import nn
-
-from stages.core.errors import fail
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 

@@ -10,10 +10,10 @@ peft dropped the Bone tuner: its Bat form lives on as MissConfig(init_weights="b
 
 from dataclasses import dataclass
 
-from peft import MissConfig, get_peft_model
-
 from stages.core.settings import LoraSettings, check_not_empty, check_positive, like, setting
 from stages.core.sft import Method, main
+
+from peft import MissConfig, get_peft_model
 
 
 @dataclass(kw_only=True)

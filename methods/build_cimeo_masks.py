@@ -36,15 +36,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from methods import cimeo
 from stages.core.batches import encode_rows
 from stages.core.config import OneLineParser, load_params, section, sequence_settings, sequence_tasks
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir
-from stages.core.models import load_model, load_tokenizer
+from stages.core.models import compute_device, load_model, load_tokenizer
 from stages.core.tasks import load_task
+
+import torch
 
 FALLBACKS = {"strategy": "max", "density": 0.1, "batches": 0, "batch_size": 8, "max_length": 128,
              "targets": cimeo.DEFAULT_TARGETS, "objective": "sft", "seed": 0, "masked": "all", "chat_template": False}
@@ -142,9 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     began = time.perf_counter()
     tokenizer = load_tokenizer(args.model_id)
     tasks = [load_task(name, Path(args.tasks_dir)) for name in args.tasks]  # fail on a bad name before the model loads
-    model = load_model(args.model_id)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model = load_model(args.model_id, device=compute_device())
     weights = cimeo.masked_parameters(model, args.targets, args.masked)
     fingerprint = cimeo.model_fingerprint(model, args.targets, args.masked)
     settings = cimeo.masks_settings(args.objective, args.strategy, args.density, args.batches, args.batch_size,

@@ -67,15 +67,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from stages.core.batches import encode_example
 from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from stages.core.markdown import markdown_table
-from stages.core.models import copy_tokenizer, load_model, load_tokenizer
+from stages.core.models import compute_device, copy_tokenizer, load_model, load_tokenizer
 from stages.core.tasks import available_tasks, load_task, package_archive
+
+import torch
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 # Texts carried by packages (no dataset hub offline): name -> (package, version, member).
@@ -383,7 +383,7 @@ def build_adapters(args: argparse.Namespace) -> None:
     method = "ipm" if args.first_eigen else "kpm"
     check_dataset(args.calib_dataset, args.tasks_dir)
     tokenizer = load_tokenizer(args.model_id)
-    model = load_model(args.model_id, args.dtype)
+    model = load_model(args.model_id, args.dtype, compute_device())
     layers = target_layers(model, args.target_modules)
     check_ranks(layers, [r], "the adapter rank must not exceed any target layer's rank")
     samples = calibration_samples(args, tokenizer)
@@ -437,7 +437,7 @@ def build_adapters(args: argparse.Namespace) -> None:
         else:
             tokenizer.save_pretrained(str(tmp))
         # What the train stage will load: the saved residual + the saved adapter.
-        reloaded = PeftModel.from_pretrained(load_model(tmp, args.dtype), str(tmp / "corda_init"))
+        reloaded = PeftModel.from_pretrained(load_model(tmp, args.dtype, compute_device()), str(tmp / "corda_init"))
         saved_difference = max_difference(probe_logits(reloaded, probes), reference)
         if not saved_difference <= tolerance:
             fail(f"the saved residual + adapter differ from the original model by {saved_difference:.2e} "
@@ -633,7 +633,7 @@ def full_decompose(args: argparse.Namespace) -> None:
     r_values = sorted(set(args.r))
     check_dataset(args.calib_dataset, args.tasks_dir)
     tokenizer = load_tokenizer(args.model_id)
-    model = load_model(args.model_id, args.dtype)
+    model = load_model(args.model_id, args.dtype, compute_device())
     check_layers(model, args.layers)
     layers = target_layers(model, args.target_modules, args.layers)
     check_ranks(layers, r_values, "full_decompose discards r components of every target layer")

@@ -30,11 +30,11 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import torch
-
 from stages.core.batches import causal_lm_loss, collate, encode_chat, encode_example
 from stages.core.errors import fail
 from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
+
+import torch
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STRATEGIES = ("max", "min", "random")

@@ -6,10 +6,10 @@ with m (1 x out) initialised to the column norms ||W0||_c, B = 0, A Kaiming; m, 
 (AdamW), W0 stays frozen. peft: LoraConfig(use_dora=True).
 """
 
-from peft import LoraConfig, get_peft_model
-
 from stages.core.settings import LoraSettings
 from stages.core.sft import Method, main
+
+from peft import LoraConfig, get_peft_model
 
 
 def build(model, cfg, ctx):

@@ -22,11 +22,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from stages.core.errors import fail
 from stages.core.models import EMBEDDED_ENCODER, encoder_path
 from stages.core.tasks import load_task
+
+import torch
 
 KINDS = ("full", "lora", "loretta")
 HEAD_MODULES = ("classifier",)  # the new head (as peft's SEQ_CLS modules_to_save)

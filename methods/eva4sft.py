@@ -11,10 +11,10 @@ initialize_lora_eva_weights(model, dataloader).
 
 from dataclasses import dataclass
 
-from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
-
 from stages.core.settings import LoraSettings, check_positive, library_check, setting
 from stages.core.sft import Method, main
+
+from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
 
 @dataclass(kw_only=True)

@@ -60,12 +60,12 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-import torch
-import torch.nn.functional as F
-
 from methods.projection import AdaRankGrad, randomized_svd, step_counter
 from stages.core.errors import fail
 from stages.core.seeds import step_seed
+
+import torch
+import torch.nn.functional as F
 
 ROLES = ("full", "constrained", "free")  # W; the LoRA factor on M's side; the other LoRA factor
 

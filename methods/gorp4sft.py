@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from methods.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy, trained_numbers
 from stages.core.errors import fail
 from stages.core.settings import LoraSettings, setting
 from stages.core.sft import Method, main
+
+import torch
 
 
 @dataclass(kw_only=True)

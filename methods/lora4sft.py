@@ -5,10 +5,10 @@ A (r x in) Kaiming-initialised, B (out x r) zero-initialised so training starts 
 model; only A and B are trained (AdamW). Built with peft's LoraConfig, init_lora_weights=True.
 """
 
-from peft import LoraConfig, get_peft_model
-
 from stages.core.settings import LoraSettings
 from stages.core.sft import Method, main
+
+from peft import LoraConfig, get_peft_model
 
 
 def build(model, cfg, ctx):

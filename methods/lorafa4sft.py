@@ -8,11 +8,11 @@ projected onto the low-rank subspace; then AdamW. peft: create_lorafa_optimizer,
 alpha equal to the LoraConfig's.
 """
 
-from peft import LoraConfig, get_peft_model
-from peft.optimizers import create_lorafa_optimizer
-
 from stages.core.settings import LoraSettings
 from stages.core.sft import Method, main
+
+from peft import LoraConfig, get_peft_model
+from peft.optimizers import create_lorafa_optimizer
 
 
 def build(model, cfg, ctx):

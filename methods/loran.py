@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+from methods.adapter_layers import find_linears, fold_wrappers, plain_copy, train_only, wrap_linears, wrapper_parameter_names
+from stages.core.errors import fail
+
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from methods.adapter_layers import find_linears, fold_wrappers, plain_copy, train_only, wrap_linears, wrapper_parameter_names
-from stages.core.errors import fail
 
 KIND = "loran"
 CONFIG_KEYS = ("r", "alpha", "dropout", "A_amp", "omega", "use_P", "use_b", "target_modules", "layers_to_transform")

@@ -33,14 +33,14 @@ import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import torch
-from torch import nn
-from torch.nn import functional as F
-
 from methods.adapter_layers import find_linears, fold_wrappers, plain_copy, train_only, wrap_linears, wrapper_parameter_names
 from methods.tensor_train import TTMatrix, factors_for, parse_shapes
 from stages.core.errors import fail
 from stages.core.settings import LoraSettings, like, setting
+
+import torch
+from torch import nn
+from torch.nn import functional as F
 
 KIND = "loretta"
 TUNING_TYPES = ("loretta_rep", "loretta_adp")

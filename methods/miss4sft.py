@@ -8,10 +8,10 @@ peft: MissConfig(r, init_weights=True).
 
 from dataclasses import dataclass
 
-from peft import MissConfig, get_peft_model
-
 from stages.core.settings import LoraSettings, check_fraction, check_not_empty, check_positive, like, setting
 from stages.core.sft import Method, main
+
+from peft import MissConfig, get_peft_model
 
 
 @dataclass(kw_only=True)

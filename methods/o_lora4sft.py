@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from methods.gorp import activate, attach, export_folded, gorp_layers, plain_copy, trained_numbers
 from stages.core.settings import LoraSettings, check_non_negative, setting
 from stages.core.sft import Method, StepInputs, first_order_step, main
+
+import torch
 
 
 @dataclass(kw_only=True)

@@ -6,10 +6,10 @@ is unchanged at step 0; A and B train (AdamW) as in LoRA. Saved adapters are con
 plain LoRA adapters (rank 2r) relative to the original W0.
 """
 
-from peft import LoraConfig, get_peft_model
-
 from stages.core.settings import LoraSettings
 from stages.core.sft import Method, main
+
+from peft import LoraConfig, get_peft_model
 
 
 def build(model, cfg, ctx):

@@ -9,10 +9,10 @@ adapters (rank 2r) relative to the original W0, so any LoRA tooling can merge th
 
 from dataclasses import dataclass
 
-from peft import LoraConfig, get_peft_model
-
 from stages.core.settings import LoraSettings, check_non_negative, setting
 from stages.core.sft import Method, main
+
+from peft import LoraConfig, get_peft_model
 
 
 @dataclass(kw_only=True)

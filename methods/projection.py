@@ -27,10 +27,10 @@ import sys
 import types
 from collections.abc import Callable, Iterable
 
-import torch
-
 from stages.core.errors import fail
 from stages.core.seeds import step_seed
+
+import torch
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 

@@ -10,10 +10,10 @@ two of each. out_features must be divisible by group_size. lr ~1e-3. peft: RoadC
 
 from dataclasses import dataclass
 
-from peft import RoadConfig, get_peft_model
-
 from stages.core.settings import LoraSettings, check_not_empty, library_check, like, setting
 from stages.core.sft import Method, main
+
+from peft import RoadConfig, get_peft_model
 
 
 @dataclass(kw_only=True)

@@ -8,10 +8,10 @@ peft: ShiraConfig(r, mask_type="random", random_seed).
 
 from dataclasses import dataclass
 
-from peft import ShiraConfig, get_peft_model
-
 from stages.core.settings import LoraSettings, check_not_empty, check_positive, like, setting
 from stages.core.sft import Method, main
+
+from peft import ShiraConfig, get_peft_model
 
 
 @dataclass(kw_only=True)

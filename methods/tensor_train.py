@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+from stages.core.errors import fail
+
 import torch
 from torch import nn
-
-from stages.core.errors import fail
 
 MAX_FACTOR = 16  # largest mode a factorisation picks by itself (4096 -> 16·16·16, LoRETTA's shapes)
 

@@ -37,14 +37,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
 from stages.core.batches import causal_lm_loss
 from stages.core.errors import fail
 from stages.core.seeds import mix as _mix
 from stages.core.seeds import step_seed
 from stages.core.settings import check_positive, setting
+
+import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from stages.core.sft import StepInputs

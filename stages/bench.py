@@ -44,12 +44,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from stages.core.config import OneLineParser, load_params, section
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from stages.core.markdown import markdown_table
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ("forward", "forward+backward")
@@ -116,13 +116,13 @@ def peer_step_times(model, batch: dict, cfg, args: argparse.Namespace) -> tuple[
 
 def worker(args: argparse.Namespace) -> dict:
     """One entry, in this process: build it, step it, measure it."""
-    from accelerate import Accelerator
-
     from methods.projection import total_state_bytes
     from stages.core.batches import causal_lm_loss, collate, encode_example, encode_rows
     from stages.core.models import load_model, load_tokenizer
     from stages.core.sft import Context, StepInputs, build_config, count_parameters
     from stages.core.tasks import load_task
+
+    from accelerate import Accelerator
 
     torch.manual_seed(0)
     name = args.worker

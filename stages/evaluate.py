@@ -19,7 +19,7 @@ from stages.core.config import OneLineParser, load_params, sequence_held_out, se
 from stages.core.errors import cli_entry
 from stages.core.evaluation import PROMPT_FORMAT_FILE, Evaluator, item_rows
 from stages.core.io import atomic_write_json, read_json
-from stages.core.models import load_model, load_tokenizer
+from stages.core.models import compute_device, load_model, load_tokenizer
 
 
 @cli_entry
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     tasks, held_out = sequence_tasks(params, args.sequence), sequence_held_out(params, args.sequence)
     train = {**params.get("train", {}), **sequence_settings(params, args.sequence)}
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model, device=compute_device()), load_tokenizer(args.model)
     chat = args.chat_template
     if chat is None:
         trained_as = Path(args.model) / PROMPT_FORMAT_FILE

@@ -22,7 +22,7 @@ from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry, fail
 from stages.core.evaluation import PROMPT_FORMAT_FILE
 from stages.core.io import atomic_dir, atomic_write_json, read_json
-from stages.core.models import copy_tokenizer, load_model
+from stages.core.models import compute_device, copy_tokenizer, load_model
 
 
 def merge(base_model: str, adapter: str, output_path: str, dtype: str = "float32",
@@ -35,14 +35,14 @@ def merge(base_model: str, adapter: str, output_path: str, dtype: str = "float32
     with atomic_dir(output_path) as tmp:
         if (adapter_dir / "adapter_config.json").is_file():
             try:
-                model = PeftModel.from_pretrained(load_model(base_model, dtype), str(adapter_dir))
+                model = PeftModel.from_pretrained(load_model(base_model, dtype, compute_device()), str(adapter_dir))
             except (OSError, ValueError, RuntimeError) as err:
                 fail(f"cannot load adapter '{adapter}': {str(err).splitlines()[0]}")
             model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
         elif is_saved_adapter(adapter_dir):  # an adapter no library carries (stages/core/adapters.py)
             # folded into the weights, or (a non-linear adapter: LoRETTA's bottleneck adapters) base
             # weights + adapter files, which models.load_model attaches again
-            save_merged(load_model(base_model, dtype), adapter_dir, tmp)
+            save_merged(load_model(base_model, dtype, compute_device()), adapter_dir, tmp)
         elif (adapter_dir / "config.json").is_file():
             shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
         else:

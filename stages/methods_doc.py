@@ -17,6 +17,7 @@ from pathlib import Path
 from stages.core.config import OneLineParser, load_params
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_write_text
+
 from stages.plan import REPO, script_of
 
 OUT = Path("docs/methods.md")

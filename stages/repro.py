@@ -37,6 +37,7 @@ from pathlib import Path
 from stages.core.config import OneLineParser, load_params
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_write_json, read_json
+
 from stages.plan import check_plan, plan_path
 
 TIMINGS = Path("results/timings.json")

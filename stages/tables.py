@@ -28,20 +28,18 @@ import io
 import statistics
 from pathlib import Path
 
-import matplotlib
+from stages.core import stats
+from stages.core.config import OneLineParser, load_params, section
+from stages.core.continual import forward_transfer
+from stages.core.errors import cli_entry, fail
+from stages.core.io import atomic_dir, atomic_write_text, read_json
+from stages.core.markdown import markdown_table
+from stages.core.plots import plot_losses, plot_matrices
 
-matplotlib.use("Agg")  # render to files; no display, no network
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from stages.core import stats  # noqa: E402
-from stages.core.config import OneLineParser, load_params, section  # noqa: E402
-from stages.core.continual import forward_transfer  # noqa: E402
-from stages.core.errors import cli_entry, fail  # noqa: E402
-from stages.core.io import atomic_dir, atomic_write_text, read_json  # noqa: E402
-from stages.core.markdown import markdown_table  # noqa: E402
-from stages.core.plots import plot_losses, plot_matrices  # noqa: E402
-from stages.plan import check_plan, check_table, plan_path  # noqa: E402
+from stages.plan import check_plan, check_table, plan_path
 
 
 def mean(values: list[float | None]) -> float | None:

@@ -15,15 +15,15 @@ import copy
 import io
 import math
 
+from methods.adalomo import AdaLomo
+from stages.core.errors import AdaptlabError
+from stages.core.sft import weight_decay_groups
+
 import pytest
 import torch
 from conftest import run_gloo_workers, tiny_params, write_params
 from test_methods import load_method
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from methods.adalomo import AdaLomo
-from stages.core.errors import AdaptlabError
-from stages.core.sft import weight_decay_groups
 
 ADALOMO = {"eps": [1.0e-30, 1.0e-3], "clip_threshold": 1.0, "decay_rate": -0.8,
            "clip_grad_value": 0.0, "max_grad_norm": 0.0}
@@ -296,11 +296,11 @@ def test_train_step_is_one_fused_update(max_norm):
     counter: the same weights as the bare optimizer; max_grad_norm > 0 clips (two passes)."""
     from types import SimpleNamespace
 
-    from accelerate import Accelerator
-
     from methods.adalomo import adalomo_step
     from stages.core.batches import causal_lm_loss
     from stages.core.sft import StepInputs
+
+    from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision="no")
     data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids} for ids in batches(3)]

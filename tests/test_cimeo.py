@@ -16,12 +16,12 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+from methods import cimeo
+from stages.core.errors import AdaptlabError
+
 import pytest
 import torch
 from conftest import ROOT, tiny_params, write_params
-
-from methods import cimeo
-from stages.core.errors import AdaptlabError
 
 TARGETS = list(cimeo.DEFAULT_TARGETS)
 TINY_CIMEO = {"strategy": "max", "density": 0.1, "masks": "", "mask_batches": 2, "mask_batch_size": 8,

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
-from conftest import ROOT, check, logits, markdown_rows, probe_batch, run_script, tiny_params, write_hamlet_wheel, write_params
-
 from methods import build_corda as bc
 from methods import corda4sft
 from stages.core.batches import response_loss
 from stages.core.models import load_model, load_tokenizer
 from stages.core.sft import Trainer, build_config
+
+import pytest
+import torch
+from conftest import ROOT, check, logits, markdown_rows, probe_batch, run_script, tiny_params, write_hamlet_wheel, write_params
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # tiny Llama: 64x64, 32x64, 128x64, 64x128
 R, ALPHA = 4, 8

@@ -15,13 +15,14 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from stages.core import tasks
+from stages.core.errors import AdaptlabError
+from stages.core.tasks import build_task, build_tasks, load_task, read_rows, task_specs, validate_row
+
 import pytest
 from conftest import markdown_rows
 
 from stages import fetch_data
-from stages.core import tasks
-from stages.core.errors import AdaptlabError
-from stages.core.tasks import build_task, build_tasks, load_task, read_rows, task_specs, validate_row
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from conftest import run_summary, tiny_params, write_params
-
 from methods import encoder, loretta
 from stages.core.errors import AdaptlabError
+
+import pytest
+from conftest import run_summary, tiny_params, write_params
 
 LORETTA_ENCODER = {"kind": "loretta", "tuning_type": "loretta_rep", "tt_rank": 5, "tt_shapes": ["384:8x6x8", "1536:8x12x16"],
                    "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["query", "value"], "bottleneck": 64,

@@ -55,6 +55,7 @@ def blocking_file(workspace: Path, project: Path) -> None:
 def write_plan(workspace: Path) -> None:
     """plan.yaml of the workspace's params, as `make plan` writes it."""
     from stages.core.config import load_params
+
     from stages.plan import build_plan, dump
 
     (workspace / "plan.yaml").write_text(dump(build_plan(load_params(workspace / "params.yaml"))))

@@ -16,6 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 
+from methods.gorp import (
+    GorpAdamW,
+    GorpLinear,
+    activate,
+    attach,
+    gorp_layers,
+    grow_basis,
+    orthogonal_subspace,
+    plain_copy,
+    project_out,
+)
+from methods.projection import state_bytes
+from stages.core.batches import response_loss
+from stages.core.errors import AdaptlabError
+from stages.core.io import atomic_write_json, write_jsonl
+
 import pytest
 import torch
 import yaml
@@ -32,22 +48,6 @@ from conftest import (
     tiny_params,
 )
 from test_methods import load_method
-
-from methods.gorp import (
-    GorpAdamW,
-    GorpLinear,
-    activate,
-    attach,
-    gorp_layers,
-    grow_basis,
-    orthogonal_subspace,
-    plain_copy,
-    project_out,
-)
-from methods.projection import state_bytes
-from stages.core.batches import response_loss
-from stages.core.errors import AdaptlabError
-from stages.core.io import atomic_write_json, write_jsonl
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 # The tiny Llama's bases live in its layers' input spaces: 64 wide (down_proj: 128).
@@ -272,10 +272,11 @@ def test_killed_run_resumes_with_the_weights_of_an_uninterrupted_one(gorp_projec
     (its weights and bases from the saved task), resumes task 2 from step 2 and ends with the
     very weights, bases and scores of a run that never stopped. The saved model is a plain
     transformers folder: stages/merge.py copies it and it gives the trained model's logits."""
-    from safetensors.torch import load_file
-
     from stages.core.models import load_model
     from stages.core.sft import Trainer, build_config
+
+    from safetensors.torch import load_file
+
     from stages.merge import merge
 
     monkeypatch.chdir(gorp_project)

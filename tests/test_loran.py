@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-from conftest import ROOT, assert_help_lists, logits, probe_batch, run_summary, tiny_params, write_params
-from test_methods import load_method
-
 from methods import loran
 from stages.core import adapters
 from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
 from stages.core.models import load_model
 from stages.core.sft import Trainer, build_config
+
+import pytest
+import torch
+from conftest import ROOT, assert_help_lists, logits, probe_batch, run_summary, tiny_params, write_params
+from test_methods import load_method
 
 # r = [rank, in_features]: 0 stands for each layer's own in_features (q_proj and v_proj read 64).
 LORAN = {"r": [8, 0], "alpha": 16, "dropout": 0.2, "A_amp": 5e-5, "omega": 1e4, "use_P": False, "use_b": False,

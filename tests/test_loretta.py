@@ -17,12 +17,6 @@ import io
 import json
 import math
 
-import pytest
-import torch
-from conftest import ROOT, assert_help_lists, logits, probe_batch, run_summary, tiny_params, write_params
-from test_methods import load_method
-from test_zeroth_order import mlp, mse_closure, regression
-
 from methods import loretta
 from methods import tensor_train as tt
 from methods.zeroth_order import ZOAdam
@@ -31,6 +25,12 @@ from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
 from stages.core.models import load_model
 from stages.core.sft import Trainer, build_config, count_parameters, weight_decay_groups
+
+import pytest
+import torch
+from conftest import ROOT, assert_help_lists, logits, probe_batch, run_summary, tiny_params, write_params
+from test_methods import load_method
+from test_zeroth_order import mlp, mse_closure, regression
 
 LORETTA = {"tuning_type": "loretta_rep", "trainer": "adam", "tt_rank": 5, "tt_shapes": [], "r": 8, "lora_alpha": 16,
            "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bottleneck": 16, "non_linearity": "relu",
@@ -158,6 +158,7 @@ def run_args(tag: str, *extra: str) -> list[str]:
 @pytest.mark.parametrize("tuning_type", ["loretta_rep", "loretta_adp"])
 def test_trains_saves_reloads_and_merges(tuning_type, loretta_project, probe, monkeypatch):
     from stages.core.evaluation import Evaluator
+
     from stages.merge import merge
 
     monkeypatch.chdir(loretta_project)

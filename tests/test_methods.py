@@ -16,16 +16,16 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-import torch
-import yaml
-from conftest import LORA, ROOT, TRAIN, logits, probe_batch, run_summary, tiny_params, write_params
-
 from stages.core.adapters import is_saved_adapter, load_adapter
 from stages.core.batches import response_loss
 from stages.core.errors import AdaptlabError
 from stages.core.models import load_model
 from stages.core.sft import Trainer, build_config, script_of
+
+import pytest
+import torch
+import yaml
+from conftest import LORA, ROOT, TRAIN, logits, probe_batch, run_summary, tiny_params, write_params
 
 # The tiny Llama's layers are 64 wide (k/v: 32, MLP: 128): block and group sizes must divide them.
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -228,10 +228,10 @@ def fresh_accelerate_state():
 def test_bf16_training_scores_in_full_precision(methods_project, probe, monkeypatch, fresh_accelerate_state):
     """--mixed_precision bf16 trains under autocast, but lm-eval scores (and merges) the model in
     fp32: what is scored in training equals what the evaluate stage scores."""
+    from stages.core.sft import mergeable_copy
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-
-    from stages.core.sft import mergeable_copy
 
     monkeypatch.chdir(methods_project)
     _, encoded, batch = probe
@@ -324,12 +324,12 @@ def test_rouge_task_scores_generations_with_rouge_score(tmp_path):
     copied beside the task YAML): the mean over rows of rouge_score's ROUGE-L of each
     generation's first line. The generations come from a stand-in lm-eval LM (the tiny random
     model writes punctuation, which ROUGE ignores)."""
-    from lm_eval.api.model import LM
-    from rouge_score import rouge_scorer
-
     from stages.core.evaluation import Evaluator
     from stages.core.io import atomic_write_json, write_jsonl
     from stages.core.lm_eval_metrics import rouge_scores
+
+    from lm_eval.api.model import LM
+    from rouge_score import rouge_scorer
 
     assert rouge_scores({"answer": "the cat sat"}, ["the cat sat\nmore"]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
     assert rouge_scores({"answer": "the cat sat"}, [""])["rougeL"] == 0.0

@@ -14,6 +14,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from stages.core.batches import encode_rows, response_loss
+from stages.core.models import load_model, load_tokenizer
+from stages.core.tasks import load_task
+
 import pytest
 import torch
 import yaml
@@ -36,10 +40,6 @@ from conftest import (
     write_params,
     write_sources,
 )
-
-from stages.core.batches import encode_rows, response_loss
-from stages.core.models import load_model, load_tokenizer
-from stages.core.tasks import load_task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -17,12 +17,12 @@ import io
 import math
 import sys
 
+from methods.projection import AdaRankGrad, choose_rank, projection_groups, randomized_svd, state_bytes
+
 import pytest
 import torch
 from conftest import assert_help_lists, logits, probe_batch, run_summary, tiny_params, write_params
 from test_methods import load_method
-
-from methods.projection import AdaRankGrad, choose_rank, projection_groups, randomized_svd, state_bytes
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 # The tiny Llama's matrices are 64 x 64 (q, o), 32 x 64 (k, v), 128 x 64 and 64 x 128 (MLP).
@@ -378,6 +378,7 @@ def test_full_run_saves_a_model_that_merges_to_identical_logits(name, proj_proje
     the model itself; stages/merge.py copies it and the copy gives the trained logits."""
     from stages.core.models import load_model
     from stages.core.sft import Trainer, build_config
+
     from stages.merge import merge
 
     monkeypatch.chdir(proj_project)

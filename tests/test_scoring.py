@@ -17,10 +17,10 @@ import random
 import shutil
 from pathlib import Path
 
+from stages.core.evaluation import items_of
+
 import pytest
 from conftest import ROOT, TASKS, check, make_workspace, read_json, run_script, tiny_params
-
-from stages.core.evaluation import items_of
 
 LL_TOLERANCE = 1e-4  # fp32 on CPU, other batch shapes: measured up to 2.5e-5 on SmolLM2
 
@@ -131,10 +131,10 @@ def test_settled_exact_match_is_decided_by_its_start():
     """exact_match_settled(answer, start) claims the outcome is 0 for any generation that starts
     with ``start``: checked against lm-eval's own filter (strip) and metric (case ignored) on random
     texts, including characters whose lower case is longer or depends on what follows."""
-    from lm_eval.api.metrics import exact_match_hf_evaluate
-
     from stages.core.evaluation import exact_match_settled
     from stages.core.scoring import fixed_prefix
+
+    from lm_eval.api.metrics import exact_match_hf_evaluate
 
     assert exact_match_settled("Paris", "The") and not exact_match_settled("Paris", "  par")
     assert not exact_match_settled("Paris", "PARIS ") and exact_match_settled("Paris", "Paris x")
@@ -241,6 +241,7 @@ def four_task_runs(project, script_env, tmp_path_factory) -> dict:
 
 def test_sparse_matrix_is_the_default_and_its_metrics_equal_the_full_ones(four_task_runs):
     from stages.core.continual import forward_transfer
+
     from stages.tables import matrix_of
 
     full, sparse = four_task_runs[True], four_task_runs[False]
@@ -274,9 +275,9 @@ def test_matrix_plot_leaves_unscored_cells_blank(four_task_runs, tmp_path):
 
 def test_peak_memory_is_per_phase():
     """After a reset the peak is the phase's own: a freed 400 MB tensor no longer counts."""
-    import torch
-
     from stages.core.sft import peak_memory_mb, reset_peak_memory
+
+    import torch
 
     if not Path("/proc/self/clear_refs").exists() or torch.cuda.is_available():
         pytest.skip("resets the resident high-water mark of Linux (/proc/self/clear_refs)")

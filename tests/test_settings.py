@@ -12,13 +12,13 @@ import re
 import shutil
 import subprocess
 
-import pytest
-from conftest import LORA, ROOT, VENV_BIN, check, read_json, run_cmd, tiny_params, write_params
-
 from stages.core import settings
 from stages.core.config import load_params
 from stages.core.errors import AdaptlabError
 from stages.core.sft import build_config, script_of
+
+import pytest
+from conftest import LORA, ROOT, VENV_BIN, check, read_json, run_cmd, tiny_params, write_params
 
 PARAMS = load_params(ROOT / "params.yaml")
 SCRIPTS = {row: script_of(row, spec) for row, spec in PARAMS["methods"].items()}

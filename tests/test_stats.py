@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 
+from stages.core import stats
+
 import numpy as np
 import pytest
-
-from stages.core import stats
 
 
 def test_interval_of_a_proportion_matches_the_normal_approximation():

@@ -10,13 +10,14 @@ from __future__ import annotations
 import csv as csv_module
 import json
 
+from stages.core.errors import AdaptlabError
+from stages.core.sft import build_config
+
 import pytest
 import yaml
 from conftest import ROOT, check, make_workspace, read_json, run_script, run_summary, tiny_params, train_args
 from test_methods import load_method
 
-from stages.core.errors import AdaptlabError
-from stages.core.sft import build_config
 from stages.plan import build_plan, dump
 
 TASKS = ["mc", "gen"]

@@ -14,6 +14,10 @@ import io
 import math
 import sys
 
+from methods.zeroth_order import MeZO, ZOAdaMU, annealed
+from stages.core.seeds import step_seed
+from stages.core.sft import weight_decay_groups
+
 import pytest
 import torch
 from conftest import ROOT, assert_help_lists, run_gloo_workers, run_summary, tiny_params, write_params
@@ -21,10 +25,6 @@ from test_methods import TARGETS, load_method
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-
-from methods.zeroth_order import MeZO, ZOAdaMU, annealed
-from stages.core.seeds import step_seed
-from stages.core.sft import weight_decay_groups
 
 OPTIMIZERS = {"mezo": MeZO, "zoadamu": ZOAdaMU}
 

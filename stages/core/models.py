@@ -155,9 +155,15 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name_or_path: str | Path, dtype: str = "float32") -> PreTrainedModel:
-    """Load a causal LM; a missing, truncated or corrupt checkpoint is one clear error. A folder
-    that also holds an adaptlab adapter (a merged LoRETTA-adapter model) comes with it attached."""
+def compute_device() -> str:
+    """Where models compute: the (first visible) GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
+    """Load a causal LM onto ``device``; a missing, truncated or corrupt checkpoint is one clear
+    error. A folder that also holds an adaptlab adapter (a merged LoRETTA-adapter model) comes with
+    it attached."""
     _check_source(str(name_or_path))
     try:
         check_causal(AutoConfig.from_pretrained(str(name_or_path)), name_or_path)
@@ -172,7 +178,7 @@ def load_model(name_or_path: str | Path, dtype: str = "float32") -> PreTrainedMo
         from .adapters import load_adapter
 
         model = load_adapter(model, name_or_path)
-    return model
+    return model.to(device)
 
 
 def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:

@@ -440,7 +440,9 @@ class Trainer:
         cfg, method = self.cfg, self.method
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.base_model)
-        model = load_model(cfg.base_model)  # before the work folder exists: an unusable model leaves nothing behind
+        # On the device before build, so what builds compute (EVA's calibration, PiSSA's SVD,
+        # CIMEO's fingerprint) runs there; before the work folder exists: an unusable model leaves nothing behind.
+        model = load_model(cfg.base_model, device=self.accelerator.device)
         self.tasks = [load_task(name, Path(cfg.tasks_dir)) for name in cfg.tasks]
         encode = method.encoder(cfg) if method.encoder else (encode_chat if cfg.chat_template else encode_example)
         self.encoded = [encode_rows(t.train, self.tokenizer, cfg.max_length, t.name, encode) for t in self.tasks]
