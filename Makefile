@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lock plan docs repro repro-all test test-quick lint bench clean
+.PHONY: venv lock plan docs repro repro-all test test-quick lint bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -76,6 +76,12 @@ lint: venv
 bench: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/bench.py
 	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/bench.py --scoring
+
+# On a machine with a CUDA GPU: every method a few steps in bf16 on the default sequence, LoRA and
+# GaLore merged and scored by lm-eval, the bench; results/gpu/ names the GPU (stages/gpu_check.py).
+gpu-check: plan
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro fetch_data build_base
+	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/gpu_check.py
 
 clean:
 	rm -rf $(VENV) checkpoints runs merged models .cache
