@@ -21,10 +21,14 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-import yaml
+# The tests run on the CPU even on a GPU machine: CUDA kernels are not bit-identical from run to
+# run, and the resume and determinism tests compare bits. The GPU has its own check (`make gpu-check`).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from stages.core.io import atomic_write_json, write_jsonl
+from stages.core.io import atomic_write_json, write_jsonl  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

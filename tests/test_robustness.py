@@ -15,6 +15,9 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from stages.core.errors import AdaptlabError
 
 import pytest
 import torch
@@ -34,8 +37,6 @@ from conftest import (
     train_args,
 )
 from test_methods import load_method
-
-from stages.core.errors import AdaptlabError
 
 
 def run_main(method, argv: list[str], capsys) -> tuple[int, str]:
@@ -211,25 +212,51 @@ STAGES = {
 CASES = [(stage, sig) for stage in STAGES for sig in ("SIGINT", "SIGKILL")]
 
 
+def process_state(pid: int) -> str:
+    """What a process that should have exited is doing: its signal masks (is SIGINT ignored,
+    blocked, caught?) and each thread's name, state and the kernel function it waits in."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        lines = [line for line in (proc / "status").read_text().splitlines() if line.startswith(("State", "Threads", "Sig", "Shd"))]
+        for task in sorted((proc / "task").iterdir()):
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            lines.append(f"thread {task.name} {(task / 'comm').read_text().strip()}: {stat} in {(task / 'wchan').read_text() or '-'}")
+        mine = Path("/proc/self/status").read_text().splitlines()
+        lines += [f"test process {line}" for line in mine if line.startswith(("SigIgn", "SigCgt"))]
+    except OSError as err:
+        lines = [f"cannot read /proc/{pid}: {err}"]
+    return "\n".join(lines)
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, project, reference_run, script_env) -> dict:
     """Every (stage, signal) case run at once, three at a time: each stage is started under
-    tests/pause_in.py, and the signal sent once it reports PAUSED."""
+    tests/pause_in.py, and the signal sent once it reports PAUSED. stderr goes to a file, not a
+    pipe nobody reads until the end (a chatty stage would fill it and block before pausing). A case
+    still running 300 s after its signal is killed and reported with what it was doing."""
     def run(case):
         stage, sig = case
         point, command, _ = STAGES[stage]
         workspace = make_workspace(tmp_path_factory.mktemp(f"{stage}-{sig}") / "ws", project)
         (workspace / "adapter").symlink_to(project / "runs" / ROW / "final", target_is_directory=True)
-        proc = subprocess.Popen([PYTHON, ROOT / "tests" / "pause_in.py", point, *command], cwd=workspace, env=script_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        paused = False
-        for line in proc.stdout:
-            if line.strip() == "PAUSED":
-                paused = True
-                proc.send_signal(getattr(signal, sig))
-                break
-        _, stderr = proc.communicate(timeout=300)
-        return case, workspace, paused, proc.returncode, stderr
+        log = workspace.parent / "stderr.txt"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([PYTHON, ROOT / "tests" / "pause_in.py", point, *command], cwd=workspace, env=script_env,
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
+            paused = False
+            for line in proc.stdout:
+                if line.strip() == "PAUSED":
+                    paused = True
+                    proc.send_signal(getattr(signal, sig))
+                    break
+            hung = None
+            try:
+                proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                hung = process_state(proc.pid)
+                proc.kill()
+                proc.communicate()
+        return case, workspace, paused, proc.returncode, log.read_text(), hung
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         return {case: outcome for case, *outcome in pool.map(run, CASES)}
@@ -237,8 +264,9 @@ def interrupted(tmp_path_factory, project, reference_run, script_env) -> dict:
 
 @pytest.mark.parametrize("stage, sig", CASES)
 def test_an_interrupted_stage_exits_non_zero_and_publishes_nothing(interrupted, stage, sig):
-    workspace, paused, code, stderr = interrupted[(stage, sig)]
+    workspace, paused, code, stderr, hung = interrupted[(stage, sig)]
     assert paused, stderr[-3000:]
+    assert hung is None, f"still running 300 s after {sig}:\n{hung}\n{stderr[-3000:]}"
     if sig == "SIGINT":
         assert code == 130, stderr[-3000:]
         assert_one_error_line(stderr, "interrupted")
@@ -371,9 +399,9 @@ def test_fuzzed_params_values_are_read_or_one_clean_error(tmp_path, monkeypatch)
     """Random values (strings, numbers, booleans, lists, mappings, null) for random keys of train:
     and methods.lora in params.yaml, 300 times: build_config reads them by their declared types or
     raises one line naming the key where the value was (the same conversion as for flags)."""
-    import yaml
-
     from stages.core.sft import build_config
+
+    import yaml
 
     monkeypatch.chdir(tmp_path)
     lora = load_method("lora")
