@@ -48,6 +48,7 @@ from stages.core.config import OneLineParser, load_params, section
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from stages.core.markdown import markdown_table
+from stages.core.sft import peak_memory_mb
 
 import torch
 
@@ -55,14 +56,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ("forward", "forward+backward")
 PEER = "peft+Trainer"
 ZEROTH_ORDER = {"mezo", "zoadamu"}
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def load_method(name: str, params_file: str | None = None):
@@ -142,7 +135,7 @@ def worker(args: argparse.Namespace) -> dict:
     encoded = [encode_rows(t.train, tokenizer, cfg.max_length, t.name, encode) for t in tasks]
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     batch = {k: v.to(accelerator.device) for k, v in collate(encoded[0][:args.batch_size], tokenizer.pad_token_id).items()}
-    model = load_model(base)
+    model = load_model(base, device=accelerator.device)
     state, trainable, times = 0, 0, []
     if name == PEER:
         batch = {k: v.cpu() for k, v in batch.items()}  # Trainer moves each batch itself
@@ -183,7 +176,7 @@ def worker(args: argparse.Namespace) -> dict:
     if not is_floor:
         state = total_state_bytes(optimizer, keys=None)  # every tensor the optimizer keeps
     return {"entry": name, "step_s": statistics.median(times), "times": times,
-            "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1), "trainable_params": trainable,
+            "peak_memory_mb": round(peak_memory_mb(), 1), "trainable_params": trainable,
             "optimizer_state_mb": round(state / 2**20, 2), "tokens": int(batch["attention_mask"].sum()),
             "batch_shape": list(batch["input_ids"].shape), "device": str(accelerator.device),
             "precision": "fp32" if args.precision == "no" else args.precision}
@@ -207,12 +200,12 @@ def scoring_bench(args: argparse.Namespace) -> list[dict]:
     """Both scorers on one scoring call of each sequence, in this process (one model in memory)."""
     from stages.core.config import sequence_settings, sequence_tasks
     from stages.core.evaluation import Evaluator
-    from stages.core.models import load_model, load_tokenizer
-    from stages.core.sft import peak_memory_mb, reset_peak_memory
+    from stages.core.models import compute_device, load_model, load_tokenizer
+    from stages.core.sft import reset_peak_memory
 
     params = load_params(args.params)
     base = section(params, "base_model", "path")
-    model, tokenizer = load_model(base), load_tokenizer(base)
+    model, tokenizer = load_model(base, device=compute_device()), load_tokenizer(base)
     results = []
     for sequence in args.sequences:
         tasks = sequence_tasks(params, sequence)
