@@ -18,6 +18,7 @@ from pathlib import Path
 
 from stages.core.config import OneLineParser, load_params, section
 from stages.core.errors import cli_entry, fail
+
 from stages.tables import Bootstrap, detectable, item_ids, load_runs, sequence_lines
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 
 from methods import cimeo
-from stages.analysis.overlap_count import add_common, describe, labels_of
 from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry
 from stages.core.markdown import markdown_table
+
+from stages.analysis.overlap_count import add_common, describe, labels_of
 
 
 @cli_entry
