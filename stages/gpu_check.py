@@ -21,7 +21,6 @@ same script, which the tests run on the tiny model).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from stages.core.config import OneLineParser, load_params, params_path, section
 from stages.core.errors import cli_entry, fail
-from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from stages.core.markdown import markdown_table
 from stages.core.sft import script_of
 
@@ -92,16 +91,14 @@ class Check:
             "--output_dir", str(run / "out"), "--results_dir", str(run / "results"), "--work_dir", str(run / "work")])
         record.update(seconds=round(seconds, 1), status="ran" if ok else "failed", error=error)
         if ok:
-            details = json.loads((run / "results" / "details.json").read_text())
-            metrics = json.loads((run / "results" / "metrics.json").read_text())
-            record.update(step_s=details.get("step_time_s"), peak_memory_mb=details.get("peak_memory_mb"),
-                          ap=metrics.get("AP"), output_dir=str(run / "out"), start=start)
+            details, metrics = read_json(run / "results" / "details.json"), read_json(run / "results" / "metrics.json")
+            record.update(step_s=details.get("step_time_s"), peak_memory_mb=details.get("peak_memory_mb"), ap=metrics.get("AP"))
         return record
 
-    def merge_and_evaluate(self, record: dict) -> dict:
-        row, run = record["row"], Path(record["output_dir"]).parent
+    def merge_and_evaluate(self, row: str) -> dict:
+        run = self.scratch / "runs" / row  # where train() put it
         merged = run / "merged"
-        ok, seconds, error = self.run(f"{row}'s merge", ["stages/merge.py", "--run", record["output_dir"],
+        ok, seconds, error = self.run(f"{row}'s merge", ["stages/merge.py", "--run", str(run / "out"),
                                                          "--output_path", str(merged)])
         if not ok:
             return {"row": row, "status": "failed", "error": f"merge: {error}"}
@@ -112,7 +109,7 @@ class Check:
         if not ok:
             return {"row": row, "status": "failed", "error": f"evaluate: {error}"}
         return {"row": row, "status": "ran", "merge_s": round(seconds, 1), "evaluate_s": round(evaluate_s, 1),
-                "scores": json.loads(out.read_text()).get("scores")}
+                "scores": read_json(out).get("scores")}
 
     def bench(self, rows: list[str]) -> tuple[dict, str]:
         out = self.scratch / "bench"
@@ -214,7 +211,7 @@ def main(argv=None) -> None:
         merged = []
         for row in merge_rows:
             record = next(r for r in trained if r["row"] == row)
-            merged.append(check.merge_and_evaluate(record) if record["status"] == "ran" else
+            merged.append(check.merge_and_evaluate(row) if record["status"] == "ran" else
                           {"row": row, "status": "skipped", "error": "training failed"})
             check.progress(len(trained) + len(merged), total, f"{row} merged and evaluated: {merged[-1]['status']}")
         ran = [r["row"] for r in trained if r["status"] == "ran"]
@@ -224,9 +221,6 @@ def main(argv=None) -> None:
         if not args.no_bench:
             check.progress(total, total, f"bench: {bench['status']}" + (f" ({bench['error']})" if bench.get("error") else ""))
         facts.update(minutes=(time.monotonic() - check.began) / 60, finished=time.strftime("%Y-%m-%d %H:%M"))
-        for record in trained:
-            record.pop("output_dir", None)
-            record.pop("start", None)
         with atomic_dir(args.out) as out:
             atomic_write_json(out / "gpu.json", {**facts, "rows": trained, "merged": merged, "bench": bench})
             atomic_write_text(out / "gpu.md", report(facts, trained, merged, bench))
