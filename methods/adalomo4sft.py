@@ -22,6 +22,7 @@ from methods.adalomo import adalomo_step, build_adalomo
 from stages.core.errors import fail
 from stages.core.settings import check_non_negative, check_positive, setting
 from stages.core.sft import Method, main
+from stages.core.strategies import SHARD
 
 
 @dataclass(kw_only=True)
@@ -53,7 +54,8 @@ def optimizer(model, cfg, ctx):
     return build_adalomo(model, cfg)
 
 
-METHOD = Method("adalomo", build, optimizer=optimizer, train_step=adalomo_step, doc=__doc__, settings=AdaLomoSettings)
+METHOD = Method("adalomo", build, optimizer=optimizer, train_step=adalomo_step, doc=__doc__, settings=AdaLomoSettings,
+                refuses={"FSDP": f"it updates each weight inside backward from its whole gradient (fused hooks, row and column moments); {SHARD}"})
 
 if __name__ == "__main__":
     main(METHOD)

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 from methods.projection import AdaRankGrad, projection_groups
 from stages.core.settings import LoraSettings, check_not_empty, check_positive, library_check, like, setting
 from stages.core.sft import Method, build_tuned, main
+from stages.core.strategies import SHARD
 
 
 @dataclass(kw_only=True)
@@ -67,7 +68,8 @@ def optimizer(model, cfg, ctx):
     return AdaRankGrad(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-METHOD = Method("adarankgrad", build, optimizer=optimizer, doc=__doc__, settings=AdaRankGradSettings)
+METHOD = Method("adarankgrad", build, optimizer=optimizer, doc=__doc__, settings=AdaRankGradSettings,
+                refuses={"FSDP": f"it projects each weight matrix's whole gradient onto an adaptive-rank subspace; {SHARD}"})
 
 if __name__ == "__main__":
     main(METHOD)

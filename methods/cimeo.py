@@ -584,7 +584,9 @@ def make_method(doc: str, settings: type):
         check_method_settings(cfg)
         return encoder_for(cfg.objective, cfg.chat_template)
 
-    return Method("cimeo", build, optimizer=optimizer, doc=doc, encoder=encoder, settings=settings, trainable=trainable)
+    return Method("cimeo", build, optimizer=optimizer, doc=doc, encoder=encoder, settings=settings, trainable=trainable,
+                  refuses={"FSDP": "its task masks select entries of whole weight matrices (indices into each "
+                                   "matrix, in its sparse AdamW); FSDP gives each process a slice of every weight"})
 
 
 # ----------------------------------------------------------------------------- overlap

@@ -18,6 +18,7 @@ outcome (items.json) and the loss curve in --results_dir.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 
@@ -66,13 +67,16 @@ def not_a_decoder_method(model, cfg, ctx):  # encoder4cls.py runs its own loop, 
     fail("encoder4cls.py trains an encoder with its own loop: run it as a script")
 
 
+ONE_PROCESS = "encoder4cls.py trains with its own single-process loop (a classifier on one task, in seconds)"
 METHOD = Method("encoder", not_a_decoder_method, doc=__doc__, default_method="enc_lora", script="encoder4cls.py",
-                settings=EncoderSettings)
+                settings=EncoderSettings, refuses=dict.fromkeys(("DDP", "FSDP", "DeepSpeed"), ONE_PROCESS))
 
 
 @cli_entry
 def main(argv=None) -> None:
     cfg = build_config(METHOD, argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
+        fail(f"method '{cfg.method}' cannot run on {os.environ['WORLD_SIZE']} processes: {ONE_PROCESS}")
     if len(cfg.tasks) != 1:
         fail(f"sequence '{cfg.sequence}' has {len(cfg.tasks)} tasks: the encoder table classifies one task")
     task = cfg.tasks[0]

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from methods.projection import galore_adamw, projection_groups
 from stages.core.settings import LoraSettings, check_not_empty, check_positive, like, setting
 from stages.core.sft import Method, build_tuned, main
+from stages.core.strategies import SHARD
 
 
 @dataclass(kw_only=True)
@@ -47,7 +48,8 @@ def optimizer(model, cfg, ctx):
     return galore_adamw()(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, no_deprecation_warning=True)
 
 
-METHOD = Method("galore", build, optimizer=optimizer, doc=__doc__, settings=GaloreSettings)
+METHOD = Method("galore", build, optimizer=optimizer, doc=__doc__, settings=GaloreSettings,
+                refuses={"FSDP": f"it projects each weight matrix's whole gradient (an SVD every update_proj_gap steps); {SHARD}"})
 
 if __name__ == "__main__":
     main(METHOD)

@@ -119,8 +119,13 @@ class GorpLinear(torch.nn.Module):
     def used_basis(self) -> torch.Tensor:
         """M's filled columns (in x k, float32 at least)."""
         basis = self.basis.detach()
-        used = int((basis.abs().sum(0) > 0).sum())
-        basis = basis[:, :used]
+        # Counting them reads the device; the count is kept while M is the same tensor (a copy of
+        # the layer has another) unchanged in place (growing it, loading a checkpoint into it bump
+        # its version counter).
+        version = (basis.data_ptr(), self.basis._version)
+        if getattr(self, "_used", (None, 0))[0] != version:
+            self._used = (version, int((basis.abs().sum(0) > 0).sum()))
+        basis = basis[:, :self._used[1]]
         return basis if basis.dtype in (torch.float32, torch.float64) else basis.float()
 
     def folded_weight(self) -> torch.Tensor:

@@ -25,11 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from methods.gorp import GorpAdamW, activate, attach, check_settings, export_folded, plain_copy, trained_numbers
-from stages.core.errors import fail
 from stages.core.settings import LoraSettings, setting
 from stages.core.sft import Method, main
-
-import torch
+from stages.core.strategies import NEW_ADAPTER_PER_TASK
 
 
 @dataclass(kw_only=True)
@@ -54,10 +52,6 @@ def build(model, cfg, ctx):
 
 def optimizer(model, cfg, ctx):
     """Task ctx.task_index's optimizer: its LoRA made the trainable one, the others frozen."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        # A new LoRA per task changes which tensors train after DDP has registered them.
-        fail("gorp runs in one process only: it trains a new LoRA per task, which data-parallel "
-             "training cannot pick up after its first task; run the script without accelerate launch")
     layers = activate(model, ctx.task_index)
     return GorpAdamW(layers, ctx.task_index, lr=cfg.lr, lora_lr=cfg.lora_lr, rank=cfg.rank,
                      update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, energy=cfg.energy,
@@ -66,7 +60,7 @@ def optimizer(model, cfg, ctx):
 
 
 METHOD = Method("gorp", build, optimizer=optimizer, doc=__doc__, export=export_folded, merged=plain_copy,
-                settings=GorpSettings,
+                settings=GorpSettings, refuses=dict.fromkeys(("DDP", "FSDP"), NEW_ADAPTER_PER_TASK),
                 trainable=lambda model, cfg, ctx: trained_numbers(model, train_weights=True))
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def export(model, path) -> None:
 
 
 METHOD = Method("loretta", build, optimizer=optimizer, train_step=train_step, doc=__doc__, export=export,
-                merged=loretta.merge, settings=LorettaSettings)
+                merged=loretta.merge, settings=LorettaSettings,
+                refuses={"FSDP": "its zeroth-order trainers perturb whole tensors between forward passes, and its "
+                                 "tensor-train factors are read whole to build each layer's update"})
 
 if __name__ == "__main__":
     main(METHOD)

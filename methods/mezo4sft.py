@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from methods.zeroth_order import MeZO, ZerothOrderSettings, zeroth_order_step
 from stages.core.settings import TunedSettings
 from stages.core.sft import Method, build_tuned, main, weight_decay_groups
+from stages.core.strategies import ZEROTH_ORDER_SHARD
 
 
 @dataclass(kw_only=True)
@@ -36,7 +37,8 @@ def optimizer(model, cfg, ctx):
     return MeZO(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay)
 
 
-METHOD = Method("mezo", build, optimizer=optimizer, train_step=zeroth_order_step, doc=__doc__, settings=MezoSettings)
+METHOD = Method("mezo", build, optimizer=optimizer, train_step=zeroth_order_step, doc=__doc__, settings=MezoSettings,
+                refuses={"FSDP": ZEROTH_ORDER_SHARD})
 
 if __name__ == "__main__":
     main(METHOD)

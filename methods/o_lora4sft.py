@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from methods.gorp import activate, attach, export_folded, gorp_layers, plain_copy, trained_numbers
 from stages.core.settings import LoraSettings, check_non_negative, setting
 from stages.core.sft import Method, StepInputs, first_order_step, main
+from stages.core.strategies import NEW_ADAPTER_PER_TASK
 
 import torch
 
@@ -77,7 +78,7 @@ def train_step(step: StepInputs) -> float:
 
 
 METHOD = Method("o_lora", build, optimizer=optimizer, train_step=train_step, doc=__doc__, export=export_folded,
-                merged=plain_copy, settings=OLoraSettings,
+                merged=plain_copy, settings=OLoraSettings, refuses=dict.fromkeys(("DDP", "FSDP"), NEW_ADAPTER_PER_TASK),
                 trainable=lambda model, cfg, ctx: trained_numbers(model, train_weights=False))
 
 if __name__ == "__main__":

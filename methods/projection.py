@@ -300,15 +300,16 @@ class AdaRankGrad(torch.optim.Optimizer):
     def _projected_step(self, p: torch.Tensor, group: dict, seed: int) -> None:
         state = self.state[p]
         grad, transposed = _oriented(p.grad.float() if p.grad.dtype not in (torch.float32, torch.float64) else p.grad)
-        total = grad.square().sum().item()
         if "Q" in state:
             low = state["Q"] @ grad
-            state["captured"] = low.square().sum().item() / total if total > 0 else 1.0
+            # One read of the device for both sums (the refresh test needs them on the host).
+            total, kept = torch.stack([grad.square().sum(), low.square().sum()]).tolist()
+            state["captured"] = kept / total if total > 0 else 1.0
             state["age"] += 1
             if state["age"] >= group["update_proj_gap"] or state["captured"] < group["refresh_threshold"]:
                 low = self._refresh(state, grad, total, group, seed)
         else:
-            low = self._refresh(state, grad, total, group, seed)
+            low = self._refresh(state, grad, grad.square().sum().item(), group, seed)
         direction = state["Q"].T @ self._adam(state, low, group)
         p.add_((direction.T if transposed else direction).to(p.dtype), alpha=-group["lr"] * group["scale"])
 

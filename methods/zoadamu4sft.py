@@ -26,6 +26,7 @@ from methods.zeroth_order import ZerothOrderSettings, ZOAdaMU, zeroth_order_step
 from stages.core.errors import fail
 from stages.core.settings import TunedSettings, setting
 from stages.core.sft import Method, build_tuned, main, weight_decay_groups
+from stages.core.strategies import ZEROTH_ORDER_SHARD
 
 
 @dataclass(kw_only=True)
@@ -57,7 +58,8 @@ def optimizer(model, cfg, ctx):
                    anneal_steps=steps, alpha_end=cfg.alpha_end, beta1_end=cfg.beta1_end, beta2_end=cfg.beta2_end)
 
 
-METHOD = Method("zoadamu", build, optimizer=optimizer, train_step=zeroth_order_step, doc=__doc__, settings=ZoAdamuSettings)
+METHOD = Method("zoadamu", build, optimizer=optimizer, train_step=zeroth_order_step, doc=__doc__, settings=ZoAdamuSettings,
+                refuses={"FSDP": ZEROTH_ORDER_SHARD})
 
 if __name__ == "__main__":
     main(METHOD)

@@ -33,12 +33,43 @@ def render(params: dict, root: Path = REPO) -> str:
              "Each method is one module; each row of a table is a `methods:` section of params.yaml that names it.", ""]
     lines += [f"* [{script}](#{script.replace('.', '')}): rows {', '.join(f'`{r}`' for r in rows)}"
               for script, rows in rows_by_script.items()]
+    lines += strategy_table(list(rows_by_script))
     for script, rows in rows_by_script.items():
         source = (root / "methods" / script).read_text(encoding="utf-8")
         doc = ast.get_docstring(ast.parse(source)) or ""
         lines += ["", f"## {script}", "", f"`methods/{script}`; rows: " + "; ".join(
             f"`{r}` ({', '.join(tables_of[r]) or 'in no table'})" for r in rows), "", "```text", doc.strip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def strategy_table(scripts: list[str]) -> list[str]:
+    """Which launch way trains which method (stages/core/strategies.py), from each module's Method."""
+    import importlib
+
+    from stages.core.strategies import STRATEGIES, refusal
+
+    lines = ["", "## Launch ways", "",
+             "What `accelerate launch` can spread each method over (stages/core/strategies.py; any other",
+             "combination stops with one error line before any work). DDP: `accelerate launch --multi_gpu`;",
+             "FSDP: `--use_fsdp --fsdp_version 2` (torch's fully_shard; ZeRO-3, or ZeRO-2 without resharding after",
+             "forward); DeepSpeed is refused for every method. Tested on 2 CPU processes (gloo): DDP with LoRA,",
+             "AdaLomo and the zeroth-order optimizers, FSDP with LoRA (tests/test_resume.py, tests/test_strategies.py).", "",
+             "| method | " + " | ".join(STRATEGIES) + " |", "|---|" + "---|" * len(STRATEGIES)]
+    reasons: list[str] = []
+    for script in scripts:
+        method = importlib.import_module(f"methods.{script.removesuffix('.py')}").METHOD
+        cells = []
+        for strategy in STRATEGIES:
+            why = refusal(method, strategy)
+            if why is None:
+                cells.append("✓")
+                continue
+            if why not in reasons:
+                reasons.append(why)
+            cells.append(f"✗ ({reasons.index(why) + 1})")
+        lines.append(f"| {script} | " + " | ".join(cells) + " |")
+    lines += ["", *[f"{i}. {why}" for i, why in enumerate(reasons, 1)]]
+    return lines
 
 
 @cli_entry

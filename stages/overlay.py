@@ -29,16 +29,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
-import string
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from stages.core.config import OneLineParser, check_keys, closest, load_params, params_path, section
+from stages.core.config import OneLineParser, closest, load_params, params_path, section
 from stages.core.errors import AdaptlabError, cli_entry, fail
 from stages.core.io import atomic_write_text
-from stages.core.tasks import COMMON_KEYS, GENERATE, KINDS, METRICS, MULTIPLE_CHOICE, SOURCE_KEYS, task_specs
+from stages.core.tasks import check_task_spec, task_specs
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -55,17 +54,9 @@ def _round_trip() -> YAML:
 
 
 def load_overlay(path: str | Path) -> dict:
-    """The overlay's tree (YAML 1.2, as params.yaml is read): a mapping of params sections."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"overlay '{path}' does not exist (the overlays are overlays/<paper>.yaml)")
-    try:
-        tree = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
-    except YAMLError as err:
-        fail(f"overlay '{path}' is not valid YAML: {' '.join(str(err).split())}")
-    if not isinstance(tree, dict) or not tree:
-        fail(f"overlay '{path}' must hold a mapping of params.yaml sections (base_model, tasks, sequences, ...), got {tree!r}")
-    return tree
+    """The overlay's tree: a mapping of params sections."""
+    return load_params(path, what="overlay (overlays/<paper>.yaml)",
+                       expected="a mapping of params.yaml sections (base_model, tasks, sequences, ...)")
 
 
 def _node(value):
@@ -112,49 +103,6 @@ def merged_text(base_file: str | Path, overlay: dict) -> str:
     return out.getvalue()
 
 
-def check_task(name: str, spec: dict) -> None:
-    """What stages/core/tasks.py's build_task checks before it reads any data."""
-    if not isinstance(spec, dict):
-        fail(f"task '{name}': settings must be a mapping, got {spec!r}")
-    source = spec.get("source")
-    if source not in SOURCE_KEYS:
-        fail(f"task '{name}': unknown source {source!r}: expected one of {', '.join(SOURCE_KEYS)}")
-    check_keys(spec, COMMON_KEYS + SOURCE_KEYS[source], f"tasks.{name}")
-    for key in ("train_size", "test_size") + (("max_prompt_chars",) if "max_prompt_chars" in spec else ()):
-        value = spec.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            fail(f"task '{name}': {key} must be a positive integer, got {value!r}")
-    kind = spec.get("kind")
-    if kind is not None and kind not in KINDS:
-        fail(f"task '{name}': kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if source == "hf":
-        for key in ("path", "prompt"):
-            if not isinstance(spec.get(key), str) or not spec[key]:
-                fail(f"task '{name}': {key} must be a non-empty string, got {spec.get(key)!r}")
-        try:
-            fields = [field for _, field, _, _ in string.Formatter().parse(spec["prompt"]) if field is not None]
-        except ValueError as err:
-            fail(f"task '{name}': prompt {spec['prompt']!r} is not a valid format template ({err})")
-        odd = [field for field in fields if not field or any(c in field for c in "[].")]
-        if odd:
-            fail(f"task '{name}': prompt field {{{odd[0]}}} is not a column name: the hf source fills the template with "
-                 f"whole columns ({{column}}), without positions, indexing or attributes")
-        if ("label_column" in spec) == ("answer_column" in spec):
-            fail(f"task '{name}': give exactly one of label_column (with choices) or answer_column")
-        choices = spec.get("choices")
-        if "label_column" in spec and not (isinstance(choices, list) and len(choices) >= 2
-                                           and len(set(map(str, choices))) == len(choices)):
-            fail(f"task '{name}': choices must be a list of at least 2 distinct strings, got {choices!r}")
-        kind = kind or (MULTIPLE_CHOICE if "label_column" in spec else GENERATE)
-        if kind == MULTIPLE_CHOICE and "answer_column" in spec:
-            fail(f"task '{name}': kind multiple_choice needs choices, but answer_column gives generate rows")
-    metric = spec.get("metric")
-    allowed = METRICS[kind] if kind else tuple(dict.fromkeys(m for ms in METRICS.values() for m in ms))
-    if metric is not None and metric not in allowed:
-        fail(f"task '{name}': metric must be one of {', '.join(allowed)}"
-             f"{f' for a {kind} task' if kind else ''}, got {metric!r}")
-
-
 def check_rows(params: dict, params_file: Path, tables: list[str]) -> int:
     """Every row of ``tables`` reads its settings on every one of its sequences, as its script
     would (build_config: types, allowed values, unknown keys, the sequence's settings); returns
@@ -184,7 +132,7 @@ def validate(text: str, overlay: dict) -> tuple[dict, dict, int]:
             section(params, key)
         specs = task_specs(params)
         for name, spec in specs.items():
-            check_task(name, spec)
+            check_task_spec(name, spec)
         plan = build_plan(params)
         tables = list(overlay.get("tables") or {})
         checked = check_rows(params, params_file, tables)

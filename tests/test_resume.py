@@ -163,7 +163,7 @@ def test_accelerate_launch_trains_data_parallel_on_two_cpu_processes(project, sc
     proc = start(cmd, project, dict(script_env, ACCELERATE_USE_CPU="true"), logs)
     try:
         # Every process saves its own RNG state with a checkpoint: rank 1's file proves a second process.
-        wait_for(lambda: any(run.work_dir.glob("*/state/rng1.pt")), proc, logs)
+        wait_for(lambda: any(run.work_dir.glob("*/state/process1.pt")), proc, logs)
         assert proc.wait(timeout=600) == 0, (logs / "stderr").read_text()[-5000:]
     finally:
         signal_group(proc, signal.SIGKILL)  # only if a check failed while it still ran

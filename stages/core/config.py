@@ -30,16 +30,18 @@ def params_path(path: str | Path | None = None) -> Path:
     return Path("params.yaml") if Path("params.yaml").is_file() else REPO_ROOT / "params.yaml"
 
 
-def load_params(path: str | Path | None = None) -> dict:
-    path = params_path(path)
+def load_params(path: str | Path | None = None, what: str = "params file", expected: str = "a mapping") -> dict:
+    """A YAML mapping of params sections (YAML 1.2, as DVC reads params.yaml): params.yaml by
+    default; ``what`` names the file in errors, ``expected`` says what it must hold."""
+    path = params_path(path) if what == "params file" else Path(path)
     if not path.is_file():
-        fail(f"params file '{path}' does not exist")
+        fail(f"{what} '{path}' does not exist")
     try:
         params = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
     except YAMLError as err:
-        fail(f"params file '{path}' is not valid YAML: {' '.join(str(err).split())}")
-    if not isinstance(params, dict):
-        fail(f"params file '{path}' must hold a mapping at the top level")
+        fail(f"{what} '{path}' is not valid YAML: {' '.join(str(err).split())}")
+    if not isinstance(params, dict) or not params:
+        fail(f"{what} '{path}' must hold {expected} at the top level, got {params!r}"[:300])
     return params
 
 

@@ -11,7 +11,8 @@ optimizer. Everything else is here, written once:
   after the last task the sequence's held-out tasks (never trained) are scored too;
 * checkpoints every ``checkpoint_every`` steps (trainable weights, optimizer, schedule and RNG of
   every process) under ``--work_dir``, so a killed run resumes and ends with identical metrics;
-* accelerate, so ``accelerate launch methods/<x>4sft.py`` runs data-parallel unchanged;
+* accelerate, so ``accelerate launch methods/<x>4sft.py`` runs data-parallel (DDP) or sharded
+  (FSDP) unchanged; what each method supports is in stages/core/strategies.py;
 * outputs written atomically at the end: adapters in ``--output_dir``, dvclive metrics and the
   loss curve in ``--results_dir``.
 """
@@ -29,7 +30,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,6 +48,8 @@ from .evaluation import ITEMS_FILE, Evaluator
 from .io import _prune, atomic_dir, atomic_write_json, read_json
 from .models import load_model, load_tokenizer
 from .outputs import RunFolders
+from .strategies import check as check_strategy
+from .strategies import placement
 from .tasks import load_task
 
 # Training diverged when a step's loss is not finite or above DIVERGED × max(the task's first
@@ -115,7 +118,9 @@ def first_order_step(step: StepInputs) -> float:
             acc.backward(loss / n)
         losses.append(loss.item())
     if step.cfg.max_grad_norm > 0:
-        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], step.cfg.max_grad_norm)
+        # All of the model's parameters (frozen ones have no gradient and count for nothing): under
+        # FSDP accelerate then clips by the norm over every shard, not this process's part.
+        acc.clip_grad_norm_(model.parameters(), step.cfg.max_grad_norm)
     step.optimizer.step()
     step.optimizer.zero_grad(set_to_none=True)
     return sum(losses) / n
@@ -148,6 +153,8 @@ class Method:
     merged: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     settings: type | None = None  # its typed settings, the fields of its params section (stages/core/settings.py)
     trainable: Callable[[torch.nn.Module, SimpleNamespace, Context], int] | None = None
+    # Launch ways it cannot train under, each with why ({"FSDP": "..."}); stages/core/strategies.py.
+    refuses: dict[str, str] = field(default_factory=dict)
 
 
 def build_tuned(model: torch.nn.Module, cfg) -> torch.nn.Module:
@@ -308,15 +315,6 @@ def tuned_state(model: torch.nn.Module, names: set[str]) -> dict[str, torch.Tens
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n in names}
 
 
-def load_tuned(model: torch.nn.Module, state: dict[str, torch.Tensor], names: set[str]) -> None:
-    params = dict(model.named_parameters())
-    if set(state) != names:
-        fail(f"checkpoint does not match the model ({len(names ^ set(state))} tensors differ); delete the work dir to start over")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
 def rng_state() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -405,6 +403,7 @@ class Trainer:
 
         self.method, self.cfg = method, cfg
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.strategy = check_strategy(method, self.accelerator)  # before any work: one line if unsupported
         # Before any work: this run alone writes its folders, and it can (stages/core/outputs.py).
         self.folders = RunFolders({f"--{key}": getattr(cfg, key) for key in RUN_PATH_KEYS}) \
             if self.accelerator.is_main_process else None
@@ -458,7 +457,7 @@ class Trainer:
         self.tuned = {n for n, p in model.named_parameters() if p.requires_grad}
         if not self.tuned:
             fail(f"method '{method.name}' left no trainable parameters")
-        method.optimizer(model, cfg, self.context)  # some optimizers freeze tensors (LoRA-FA's A): count after it
+        optimizer = method.optimizer(model, cfg, self.context)  # some freeze tensors (LoRA-FA's A): count after it
         self.trainable = method.trainable(model, cfg, self.context) if method.trainable else count_parameters(model)[0]
         if self.folders:
             self.folders.check_space(self.disk_needs(model))
@@ -468,7 +467,8 @@ class Trainer:
             self.initial_adapter = self.work.root / "initial_adapter"
             if self.accelerator.is_main_process:
                 model.save_pretrained(self.initial_adapter)
-        self.model = self.accelerator.prepare(model)
+        self.weights = placement(self.strategy, self.accelerator, model, self.tuned)  # before sharding: FSDP's unsharded copy
+        self.model = self.weights.prepare(model, optimizer)
         self.evaluator = Evaluator(cfg.tasks + cfg.held_out, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
                                    limit=cfg.eval_limit or None, chat_template=cfg.chat_template, scorer=cfg.scorer,
                                    ) if self.accelerator.is_main_process else None
@@ -477,17 +477,28 @@ class Trainer:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def load_tuned(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the trained tensors (whole, by name) in every process's model."""
+        if set(state) != self.tuned:
+            fail(f"checkpoint does not match the model ({len(self.tuned ^ set(state))} tensors differ); "
+                 "delete the work dir to start over")
+        self.weights.load(self.model, state)
+
     def _save_state(self, step: int, optimizer, scheduler, history: dict) -> None:
         """Write the checkpoint beside the old one, then swap: a kill mid-save keeps the old."""
-        acc, state = self.accelerator, self.work.state_dir
+        acc, state, sharded = self.accelerator, self.work.state_dir, self.weights.sharded
         tmp = state.with_name("state.tmp")
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({"step": step, "tuned": tuned_state(self.unwrapped, self.tuned), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "history": history}, tmp / "state.pt")
         acc.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng{acc.process_index}.pt")  # dropout differs per process
+        with self.weights.gathered(self.model, on_device=False) as model:  # every process: FSDP gathers
+            if acc.is_main_process:
+                torch.save({"step": step, "tuned": tuned_state(model, self.tuned), "scheduler": scheduler.state_dict(),
+                            "optimizer": None if sharded else optimizer.state_dict(), "history": history}, tmp / "state.pt")
+        # Each process's RNG (dropout differs per process) and, sharded, its part of the optimizer.
+        torch.save({"rng": rng_state(), "optimizer": optimizer.state_dict() if sharded else None},
+                   tmp / f"process{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(state, ignore_errors=True)
@@ -501,10 +512,11 @@ class Trainer:
         saved = torch.load(path, weights_only=False)
         if saved["history"].get("task") != task_index:
             return 0, {"loss": [], "step_time": []}
-        load_tuned(self.unwrapped, saved["tuned"], self.tuned)
-        optimizer.load_state_dict(saved["optimizer"])
+        local = torch.load(self.work.state_dir / f"process{self.accelerator.process_index}.pt", weights_only=False)
+        self.load_tuned(saved["tuned"])
+        optimizer.load_state_dict(local["optimizer"] if self.weights.sharded else saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(torch.load(self.work.state_dir / f"rng{self.accelerator.process_index}.pt", weights_only=False))
+        set_rng_state(local["rng"])
         self.accelerator.print(f"resumed task {task_index + 1} from step {saved['step']}")
         return saved["step"], saved["history"]
 
@@ -513,7 +525,7 @@ class Trainer:
         task, encoded = self.tasks[index], self.encoded[index]
         world, micro = acc.num_processes, cfg.batch_size
         self.context.task_index = index
-        optimizer = acc.prepare(self.method.optimizer(self.unwrapped, cfg, self.context))
+        optimizer = self.weights.prepare_optimizer(self.method.optimizer(self.unwrapped, cfg, self.context))
         scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.steps_per_task),
                                   num_training_steps=cfg.steps_per_task)
         start, history = self._load_state(index, optimizer, scheduler)
@@ -564,37 +576,43 @@ class Trainer:
         record = {"task": self.tasks[index].name, "loss": history["loss"], "step_time": history["step_time"],
                   "peak_memory_mb": history["peak_memory_mb"]}
         names = [t.name for t in self.tasks]
+        # Every process enters (FSDP gathers the shards); the main process saves and scores.
+        with self.weights.gathered(self.model) as model:
+            if self.accelerator.is_main_process:
+                self.save_and_score(index, model, record, names)
         if self.accelerator.is_main_process:
-            folder = self.work.task_dir(index)
-            with atomic_dir(folder) as tmp:
-                if self.method.export:
-                    self.method.export(self.unwrapped, tmp / "adapter")
-                else:
-                    export_trained(self.unwrapped, tmp / "adapter", self.initial_adapter)
-                save_file(tuned_state(self.unwrapped, self.tuned), tmp / "tuned.safetensors")
-                reset_peak_memory()
-                merged = (self.method.merged or mergeable_copy)(self.unwrapped)
-                wanted = [names[i] for i in scored_tasks(len(names), index, self.cfg.full_matrix)]
-                held_out = self.cfg.held_out if index == len(names) - 1 else []
-                scored = self.evaluator.score(merged, self.tokenizer, wanted + held_out)
-                record["scores"] = {task: scored.scores[task] for task in wanted}
-                if held_out:
-                    record["held_out"] = {task: scored.scores[task] for task in held_out}
-                record["items"] = scored.items  # the held-out tasks' too
-                record["scoring_peak_memory_mb"] = peak_memory_mb()
-                del merged, scored
-                gc.collect()  # the merged copy goes before the next task's training peak is measured
-                atomic_write_json(tmp / "record.json", record)
             shutil.rmtree(self.work.state_dir, ignore_errors=True)
             scored = {**record["scores"], **{f"{k} (held out)": v for k, v in record.get("held_out", {}).items()}}
             self.accelerator.print(f"after {record['task']}: " + ", ".join(f"{k} {v:.3f}" for k, v in scored.items()))
         self.accelerator.wait_for_everyone()
         return self.work.finished(index)
 
+    def save_and_score(self, index: int, model: torch.nn.Module, record: dict, names: list[str]) -> None:
+        """The task's finished folder: the exported model, its trained tensors and its scores."""
+        with atomic_dir(self.work.task_dir(index)) as tmp:
+            if self.method.export:
+                self.method.export(model, tmp / "adapter")
+            else:
+                export_trained(model, tmp / "adapter", self.initial_adapter)
+            save_file(tuned_state(model, self.tuned), tmp / "tuned.safetensors")
+            reset_peak_memory()
+            merged = (self.method.merged or mergeable_copy)(model)
+            wanted = [names[i] for i in scored_tasks(len(names), index, self.cfg.full_matrix)]
+            held_out = self.cfg.held_out if index == len(names) - 1 else []
+            scored = self.evaluator.score(merged, self.tokenizer, wanted + held_out)
+            record["scores"] = {task: scored.scores[task] for task in wanted}
+            if held_out:
+                record["held_out"] = {task: scored.scores[task] for task in held_out}
+            record["items"] = scored.items  # the held-out tasks' too
+            record["scoring_peak_memory_mb"] = peak_memory_mb()
+            del merged, scored
+            gc.collect()  # the merged copy goes before the next task's training peak is measured
+            atomic_write_json(tmp / "record.json", record)
+
     def resume_finished(self, index: int) -> dict | None:
         record = self.work.finished(index)
         if record is not None:
-            load_tuned(self.unwrapped, load_file(self.work.task_dir(index) / "tuned.safetensors"), self.tuned)
+            self.load_tuned(load_file(self.work.task_dir(index) / "tuned.safetensors"))
             self.accelerator.print(f"task {index + 1} ({record['task']}) already finished: reusing it")
         return record
 

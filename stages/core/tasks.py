@@ -429,22 +429,11 @@ def _one_line(err: BaseException) -> str:
 def _hf(name: str, spec: dict, dropped: Counter) -> _Source:
     import datasets  # slow import, only needed for this source
 
-    path, template = spec.get("path"), spec.get("prompt")
-    for key, value in (("path", path), ("prompt", template)):
-        if not isinstance(value, str) or not value:
-            fail(f"task '{name}': {key} must be a non-empty string, got {value!r}")
+    # The settings were checked by check_task_spec: what is left needs the data.
+    path, template = spec["path"], spec["prompt"]
     label_column, answer_column = spec.get("label_column"), spec.get("answer_column")
-    if (label_column is None) == (answer_column is None):
-        fail(f"task '{name}': give exactly one of label_column (with choices) or answer_column")
-    choices = spec.get("choices")
-    if label_column is not None and not (
-            isinstance(choices, list) and len(choices) >= 2 and len(set(map(str, choices))) == len(choices)):
-        fail(f"task '{name}': choices must be a list of at least 2 distinct strings, got {choices!r}")
-    choices = [str(choice).strip() for choice in choices or ()]
-    try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
-    except ValueError as err:
-        fail(f"task '{name}': prompt {template!r} is not a valid format template ({err})")
+    choices = [str(choice).strip() for choice in spec.get("choices") or ()]
+    fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     options = {key: spec[key] for key in ("data_files", "data_dir") if key in spec}
     try:
         loaded = datasets.load_dataset(path, spec.get("name"), **options)
@@ -505,13 +494,6 @@ def _jsonl(name: str, spec: dict) -> _Source:
 # Building a task
 
 
-def _positive_int(name: str, spec: dict, key: str) -> int:
-    value = spec.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        fail(f"task '{name}': {key} must be a positive integer, got {value!r}")
-    return value
-
-
 def _subtask(name: str, spec: dict) -> str:
     subtask = spec.get("subtask")
     if not isinstance(subtask, str) or not subtask.strip("/"):
@@ -540,6 +522,50 @@ def _need(name: str, what: str, size: int, rows: list[dict], dropped: Counter) -
              + (f" ({why} dropped)" if why else ""))
 
 
+def check_task_spec(name: str, spec: Any) -> None:
+    """Everything about a task's settings that can be checked without its data: one error line
+    naming the bad value (build_task runs it first; stages/overlay.py on overlays' tasks)."""
+    if not isinstance(spec, dict):
+        fail(f"task '{name}': settings must be a mapping, got {spec!r}")
+    source = spec.get("source")
+    if source not in SOURCE_KEYS:
+        fail(f"task '{name}': unknown source {source!r}: expected one of {', '.join(SOURCE_KEYS)}")
+    check_keys(spec, COMMON_KEYS + SOURCE_KEYS[source], f"tasks.{name}")
+    for key in ("train_size", "test_size") + (("max_prompt_chars",) if "max_prompt_chars" in spec else ()):
+        value = spec.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            fail(f"task '{name}': {key} must be a positive integer, got {value!r}")
+    kind = spec.get("kind")
+    if kind is not None and kind not in KINDS:
+        fail(f"task '{name}': kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if source == "hf":
+        for key in ("path", "prompt"):
+            if not isinstance(spec.get(key), str) or not spec[key]:
+                fail(f"task '{name}': {key} must be a non-empty string, got {spec.get(key)!r}")
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(spec["prompt"]) if field is not None]
+        except ValueError as err:
+            fail(f"task '{name}': prompt {spec['prompt']!r} is not a valid format template ({err})")
+        odd = [field for field in fields if not field or any(c in field for c in "[].")]
+        if odd:
+            fail(f"task '{name}': prompt field {{{odd[0]}}} is not a column name: the hf source fills the template with "
+                 f"whole columns ({{column}}), without positions, indexing or attributes")
+        if ("label_column" in spec) == ("answer_column" in spec):
+            fail(f"task '{name}': give exactly one of label_column (with choices) or answer_column")
+        choices = spec.get("choices")
+        if "label_column" in spec and not (isinstance(choices, list) and len(choices) >= 2
+                                           and len(set(map(str, choices))) == len(choices)):
+            fail(f"task '{name}': choices must be a list of at least 2 distinct strings, got {choices!r}")
+        kind = kind or (MULTIPLE_CHOICE if "label_column" in spec else GENERATE)
+        if kind == MULTIPLE_CHOICE and "answer_column" in spec:
+            fail(f"task '{name}': kind multiple_choice needs choices, but answer_column gives generate rows")
+    metric = spec.get("metric")
+    allowed = METRICS[kind] if kind else tuple(dict.fromkeys(m for ms in METRICS.values() for m in ms))
+    if metric is not None and metric not in allowed:
+        fail(f"task '{name}': metric must be one of {', '.join(allowed)}"
+             f"{f' for a {kind} task' if kind else ''}, got {metric!r}")
+
+
 def build_task(name: str, spec: dict, seed: int, *, cache: Path | None = None,
                bigbench: Mapping[str, dict] | None = None) -> tuple[list[dict], list[dict], dict]:
     """Build one task's (train rows, test rows, meta) from its params spec.
@@ -547,19 +573,9 @@ def build_task(name: str, spec: dict, seed: int, *, cache: Path | None = None,
     The split depends only on ``seed``, the spec's ``seed`` offset and the task name, so adding
     or reordering tasks never changes another task's data. ``bigbench`` maps subtask -> parsed
     task.json when the caller already read the archive (see build_tasks)."""
-    if not isinstance(spec, dict):
-        fail(f"task '{name}': settings must be a mapping, got {spec!r}")
-    source = spec.get("source")
-    if source not in SOURCE_KEYS:
-        fail(f"task '{name}': unknown source {source!r}: expected one of {', '.join(SOURCE_KEYS)}")
-    check_keys(spec, COMMON_KEYS + SOURCE_KEYS[source], f"tasks.{name}")
-    train_size, test_size = _positive_int(name, spec, "train_size"), _positive_int(name, spec, "test_size")
-    kind = spec.get("kind")
-    if kind is not None and kind not in KINDS:
-        fail(f"task '{name}': kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    max_prompt_chars = spec.get("max_prompt_chars")
-    if max_prompt_chars is not None:
-        max_prompt_chars = _positive_int(name, spec, "max_prompt_chars")
+    check_task_spec(name, spec)
+    source, kind, max_prompt_chars = spec["source"], spec.get("kind"), spec.get("max_prompt_chars")
+    train_size, test_size = spec["train_size"], spec["test_size"]
     offset = spec.get("seed", 0)
     for key, value in (("seed", seed), ("seed offset", offset)):
         if not isinstance(value, int) or isinstance(value, bool):
