@@ -12,7 +12,7 @@ FWT (continual-learning metrics from the accuracy matrix), its score on the sequ
 tasks (sequences.<name>.held_out, never trained: what fine-tuning preserved) and its AP's
 difference from the reference row; with several sequences, a summary over them.
 
-Every number carries how sure it is (stages/core/stats.py): a 95% bootstrap interval over the
+Every number carries how sure it is (stages/stats.py): a 95% bootstrap interval over the
 test items and the seeds, drawn once per table and shared by all its rows, so a difference
 between two rows is paired the way it was measured. A cell reads ``0.743 ± 0.031`` (the
 interval's half-width); ▲ / ▼ marks a row's value whose difference from the reference row's
@@ -28,7 +28,6 @@ import io
 import statistics
 from pathlib import Path
 
-from stages.core import stats
 from stages.core.config import OneLineParser, load_params, section
 from stages.core.continual import forward_transfer
 from stages.core.errors import cli_entry, fail
@@ -39,6 +38,7 @@ from stages.core.plots import plot_losses, plot_matrices
 import matplotlib.pyplot as plt
 import numpy as np
 
+from stages import stats
 from stages.plan import check_plan, check_table, plan_path
 
 
@@ -426,7 +426,7 @@ def render(name: str, table: dict, runs_dir: Path, plots: Path) -> tuple[str, li
            f"Final scores are {final_from}; AP, BWT and FWT come from the accuracy matrix (scores after each task;",
            "cells not scored, by default those no metric reads on sequences of 4+ tasks, are hatched).", "",
            f"**How sure:** `0.743 ± 0.031` is a value and the half-width of its 95% bootstrap interval over the test rows "
-           f"({sizes}) and the {len(table['seeds'])} seed(s), drawn once for the whole table (stages/core/stats.py). "
+           f"({sizes}) and the {len(table['seeds'])} seed(s), drawn once for the whole table (stages/stats.py). "
            f"▲ / ▼: the row's value is above / below the reference row's ({table['reference']}) and the interval of the "
            "paired difference excludes zero; a value without a mark is not distinguishable from the reference's. "
            "ΔAP shows the difference and its interval."

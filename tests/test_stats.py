@@ -1,4 +1,4 @@
-"""The bootstrap of stages/core/stats.py on cases whose answer is known: a 0/1 vector's interval
+"""The bootstrap of stages/stats.py on cases whose answer is known: a 0/1 vector's interval
 is the normal approximation's, a planted paired difference is found and a null one is flagged at
 about the nominal 5% rate, seeds widen an interval, and AP/BWT/FWT follow their definitions."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 
-from stages.core import stats
-
 import numpy as np
 import pytest
+
+from stages import stats
 
 
 def test_interval_of_a_proportion_matches_the_normal_approximation():

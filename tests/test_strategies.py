@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import (
     LORA,
+    PYTHON,
     ROOT,
     TASKS,
     VENV_BIN,
@@ -185,6 +186,11 @@ def test_fsdp_run_killed_mid_task_resumes_bit_identically(fsdp_project, fsdp_run
     proc.wait()
     wait_until_unlocked(run.output_dir)
     assert any(run.work_dir.glob("*/state/process1.pt"))  # the killed run left its checkpoint
+    # Resumed by another number of processes: one line, and the checkpoint is kept for the right one.
+    alone = run_cmd([PYTHON, ROOT / "methods" / "lora4sft.py", *fsdp_launch(tag)[-len(train_args(tag, "--batch_size", "4")):]],
+                    fsdp_project, script_env)
+    assert alone.returncode == 2 and "was written by 2 process(es), this run has 1" in last_line(alone.stderr), alone.stderr[-2000:]
+    assert any(run.work_dir.glob("*/state/process1.pt"))
     resumed = run_cmd(fsdp_launch(tag), fsdp_project, env, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert "resumed task" in resumed.stdout + resumed.stderr

@@ -495,6 +495,7 @@ class Trainer:
         with self.weights.gathered(self.model, on_device=False) as model:  # every process: FSDP gathers
             if acc.is_main_process:
                 torch.save({"step": step, "tuned": tuned_state(model, self.tuned), "scheduler": scheduler.state_dict(),
+                            "processes": acc.num_processes, "strategy": self.strategy,
                             "optimizer": None if sharded else optimizer.state_dict(), "history": history}, tmp / "state.pt")
         # Each process's RNG (dropout differs per process) and, sharded, its part of the optimizer.
         torch.save({"rng": rng_state(), "optimizer": optimizer.state_dict() if sharded else None},
@@ -506,13 +507,16 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _load_state(self, task_index: int, optimizer, scheduler) -> tuple[int, dict]:
-        path = self.work.state_dir / "state.pt"
+        path, local = self.work.state_dir / "state.pt", self.work.state_dir / f"process{self.accelerator.process_index}.pt"
         if not path.is_file():
             return 0, {"loss": [], "step_time": []}
-        saved = torch.load(path, weights_only=False)
-        if saved["history"].get("task") != task_index:
+        saved = torch.load(path, weights_only=False)  # every process reads it, so all decide alike
+        if saved["history"].get("task") != task_index or "processes" not in saved:  # an older layout: start over
             return 0, {"loss": [], "step_time": []}
-        local = torch.load(self.work.state_dir / f"process{self.accelerator.process_index}.pt", weights_only=False)
+        if saved["processes"] != self.accelerator.num_processes:
+            fail(f"the checkpoint in {self.work.state_dir} was written by {saved['processes']} process(es), this run has "
+                 f"{self.accelerator.num_processes}: resume with {saved['processes']} or delete --work_dir to start over")
+        local = torch.load(local, weights_only=False)
         self.load_tuned(saved["tuned"])
         optimizer.load_state_dict(local["optimizer"] if self.weights.sharded else saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

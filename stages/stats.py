@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import stages.core  # noqa: F401  (its thread settings, before numpy loads its BLAS)
+
 import numpy as np
 
 LEVEL = 0.95
