@@ -158,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{task.name}: {sum(i.numel() for i in masks[task.name].values()):,} of "
               f"{sum(w.numel() for w in weights.values()):,} entries ({args.strategy}, density {args.density}, "
               f"{0 if args.strategy == 'random' else n_batches} batches of {args.batch_size}) in {seconds[task.name]} s")
-    meta = dict(settings, model_id=str(args.model_id), model_fingerprint=fingerprint, seconds=seconds)
+    # the inputs only (times are in the log): the same inputs give the same folder, byte for byte
+    meta = dict(settings, model_id=str(args.model_id), model_fingerprint=fingerprint)
     if args.save_model:
         with atomic_dir(args.save_path) as tmp:  # masks only: CIMEO trains from the base model itself
             cimeo.save_masks(tmp / cimeo.MASKS_IN_MODEL, masks, meta)

@@ -72,7 +72,7 @@ from stages.core.config import OneLineParser
 from stages.core.errors import cli_entry, fail
 from stages.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from stages.core.markdown import markdown_table
-from stages.core.models import compute_device, copy_tokenizer, load_model, load_tokenizer
+from stages.core.models import compute_device, copy_tokenizer, load_model, load_tokenizer, save_model
 from stages.core.tasks import available_tasks, load_task, package_archive
 
 import torch
@@ -406,7 +406,7 @@ def build_adapters(args: argparse.Namespace) -> None:
             source = f"covariance reused from {covariance_file}"
         else:
             save_torch_atomic(corda_covariance(model, layers, samples), covariance_file)
-            source = f"covariance computed from {len(samples)} samples ({sum(map(len, samples))} tokens) in {time.perf_counter() - t0:.0f} s"
+            source = f"covariance computed in {time.perf_counter() - t0:.0f} s"
         alpha = r if args.lora_alpha is None else int(args.lora_alpha) if args.lora_alpha == int(args.lora_alpha) else args.lora_alpha
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=args.lora_dropout, target_modules=args.target_modules,
                             init_lora_weights="corda", task_type="CAUSAL_LM",
@@ -429,7 +429,7 @@ def build_adapters(args: argparse.Namespace) -> None:
         # Loading the initial adapter must not decompose again (corda_build.json keeps the settings).
         peft_model.peft_config["default"].init_lora_weights = True
         peft_model.peft_config["default"].corda_config = None
-        peft_model.save_pretrained(str(tmp / "corda_init"), safe_serialization=True)
+        save_model(peft_model, tmp / "corda_init", safe_serialization=True)
         residual = peft_model.unload()
         residual.save_pretrained(str(tmp), safe_serialization=True)
         if Path(args.model_id).is_dir():
@@ -448,8 +448,11 @@ def build_adapters(args: argparse.Namespace) -> None:
             "calib_dataset": args.calib_dataset, "calib_loader_size": args.calib_loader_size,
             "calib_text": args.calib_text, "max_length": args.max_length, "seed": args.seed,
             "covariance_file": str(covariance_file) if args.use_cache else None,
-            "cache_file": None if cache_file is None else str(cache_file), "covariance": source,
-            "max_logit_difference": saved_difference, "seconds": round(time.perf_counter() - began, 1),
+            "cache_file": None if cache_file is None else str(cache_file),
+            # what the output is made of, not how long it took or what was cached: the same inputs
+            # give the same folder, byte for byte (times are in the log and results/timings.json)
+            "covariance_samples": len(samples), "covariance_tokens": sum(map(len, samples)),
+            "max_logit_difference": saved_difference,
         })
     print(f"decomposed model written to {args.save_path} (adapter: {Path(args.save_path) / 'corda_init'}; "
           f"reloaded max |logit difference| {saved_difference:.2e}) in {time.perf_counter() - began:.0f} s")

@@ -27,6 +27,7 @@ from methods.loretta import LorettaLayerSettings
 from stages.core.errors import cli_entry, fail
 from stages.core.evaluation import ITEMS_FILE
 from stages.core.io import atomic_dir, atomic_write_json
+from stages.core.models import save_model
 from stages.core.outputs import RunFolders
 from stages.core.settings import LoraSettings, like, setting
 from stages.core.sft import Method, build_config, peak_memory_mb, write_live
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
                    "AP": score, "BWT": None, "final": {task: score}, "held_out": {},
                    "matrix": {f"after_{task}": {task: score}}}
         with atomic_dir(cfg.output_dir) as out:
-            row["model"].save_pretrained(out / "final")
+            save_model(row["model"], out / "final")
             atomic_write_json(out / "train_config.json", {k: v for k, v in vars(cfg).items()})
         with atomic_dir(cfg.results_dir) as res:
             write_live(res, [{"loss": row["loss"]}], summary)

@@ -20,6 +20,15 @@ stage's command itself and then records it exactly as ``dvc repro`` does after r
 (DVC's own calls: remove the old outputs, run, save the deps and outs hashes, commit the outputs
 to the cache, write the stage's entry of dvc.lock), one stage at a time and under DVC's lock;
 a stage whose inputs turn out unchanged once its upstream has run is skipped, as DVC would.
+Among the stages ready to start, the one furthest down the pipeline goes first, so a row's merge,
+evaluation and collection follow its training instead of waiting for every other row's training.
+
+``--allow-missing`` (DVC's flag of that name) continues the recorded pipeline on a machine that does
+not hold its outputs (a fresh clone: this project has no DVC remote, so trained models live only
+where they were made): a stage whose dvc.lock entry matches its code, params and inputs is not run
+again because its outputs are absent here, and the results it recorded in git stand. A stage that
+does run needs its inputs on disk, so a recorded stage whose output such a stage reads and this
+machine lacks runs again (training is deterministic: it remakes the recorded output).
 """
 
 from __future__ import annotations
@@ -51,20 +60,59 @@ def kind(stage: str) -> str:
     return stage.split("@")[0]
 
 
-def stages_to_run(targets: list[str]) -> list[str]:
-    """The stages ``dvc repro targets`` will run, in order: changed ones and all downstream of them."""
+def overlaps(a: str, b: str) -> bool:
+    """One path is the other or lies inside it (a dependency on a folder of outputs, or on a file in one)."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+class Plan:
+    """The stages ``dvc repro [--allow-missing] targets`` has to consider, in DVC's order, with what
+    each depends on among them; ``forced``: recorded stages that run again only because a stage that
+    runs reads an output of theirs this machine lacks (``allow_missing`` only)."""
+
+    def __init__(self, repo, targets: list[str], allow_missing: bool = False):
+        from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+
+        graph = get_active_graph(repo.index.graph)
+        self.allow_missing = allow_missing
+        self.steps = plan_repro(graph, collect_stages(repo, targets or ["dvc.yaml"]))
+        # DVC's graph points from a stage to the stages it depends on.
+        self.upstream = {stage: [up for up in graph.successors(stage) if up in self.steps] for stage in self.steps}
+        depth: dict = {}
+        for stage in self.steps:  # DVC's order puts a stage after everything it depends on
+            depth[stage] = 1 + max((depth[up] for up in self.upstream[stage]), default=0)
+        self.depth = depth
+        self.will_run: set = set()
+        for stage in self.steps:
+            if set(self.upstream[stage]) & self.will_run or self.changed(stage):
+                self.will_run.add(stage)
+        self.forced: set = set()
+        pending = list(self.will_run)
+        while pending:
+            for producer in self.missing_inputs(pending.pop()):
+                if producer not in self.will_run and producer not in self.forced:
+                    self.forced.add(producer)
+                    pending.append(producer)
+
+    def changed(self, stage) -> bool:
+        return stage.changed(allow_missing=self.allow_missing, upstream=self.upstream[stage])
+
+    def missing_inputs(self, stage) -> set:
+        """The stages whose outputs ``stage`` reads and this machine lacks."""
+        return {up for up in self.upstream[stage] for out in up.outs if not out.exists
+                and any(overlaps(str(out.fs_path), str(dep.fs_path)) for dep in stage.deps)}
+
+    def to_run(self) -> list:
+        return [stage for stage in self.steps if stage in self.will_run or stage in self.forced]
+
+
+def stages_to_run(targets: list[str], allow_missing: bool = False) -> list[str]:
+    """The stages ``dvc repro targets`` will run, in order: changed ones and all downstream of them
+    (with ``allow_missing``: and the recorded ones whose missing outputs a running stage reads)."""
     from dvc.repo import Repo
-    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
 
     with Repo(".") as repo, repo.lock:
-        graph = get_active_graph(repo.index.graph)
-        steps = plan_repro(graph, collect_stages(repo, targets or ["dvc.yaml"]))
-        will_run: set = set()
-        for stage in steps:
-            upstream = set(graph.successors(stage))  # DVC's graph points from a stage to what it depends on
-            if upstream & will_run or stage.changed():
-                will_run.add(stage)
-        return [stage.addressing for stage in steps if stage in will_run]
+        return [stage.addressing for stage in Plan(repo, targets, allow_missing).to_run()]
 
 
 def estimate(stages: list[str], timings: dict) -> float:
@@ -139,13 +187,13 @@ class Workers:
             self.pool.shutdown(wait=True)
 
 
-def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "threads", retries: int = 1) -> int:
+def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "threads", retries: int = 1,
+                 allow_missing: bool = False) -> int:
     """Run the stages ``dvc repro targets`` would run, ``jobs`` at a time on ``executor``,
     recording each in dvc.lock and the cache as DVC does. A stage whose worker is lost (killed,
     preempted) is started again, up to ``retries`` times; a stage that fails stops the run (running
     stages finish, nothing else starts). Returns 0 or 1."""
     from dvc.repo import Repo
-    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // jobs)
@@ -157,9 +205,8 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
         running[stage] = workers.submit(commands, stage.wdir, env)
 
     with Repo(".") as repo, repo.lock:
-        graph = get_active_graph(repo.index.graph)
-        steps = plan_repro(graph, collect_stages(repo, targets or ["dvc.yaml"]))
-        upstream = {stage: set(graph.successors(stage)) & set(steps) for stage in steps}
+        plan = Plan(repo, targets, allow_missing)
+        steps = sorted(plan.steps, key=lambda stage: -plan.depth[stage])  # stable: DVC's order within a depth
         done: set = set()
         running: dict = {}
         lost: dict = {}
@@ -167,10 +214,10 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
         try:
             while len(done) < len(steps) and not (failed and not running):
                 for stage in steps:
-                    if failed or len(running) >= jobs or stage in done or stage in running or not upstream[stage] <= done:
+                    if failed or len(running) >= jobs or stage in done or stage in running or not set(plan.upstream[stage]) <= done:
                         continue
-                    if not stage.changed():  # its upstream ran but left its inputs as they were
-                        done.add(stage)
+                    if stage not in plan.forced and not plan.changed(stage):  # unchanged, or its upstream ran
+                        done.add(stage)                                       # but left its inputs as they were
                         continue
                     print(f"Running stage '{stage.addressing}' ({threads} thread{'s' * (threads > 1)}, {executor}):", flush=True)
                     stage.remove_outs(ignore_remove=False, force=False)
@@ -239,11 +286,13 @@ def main(argv=None) -> None:
     parser.add_argument("--executor", default="threads", choices=["threads", "submitit", "submitit-local", "submitit-slurm"],
                         help="where -j stages run: this machine's threads, or submitit jobs (Slurm when it finds one)")
     parser.add_argument("--retries", type=int, default=1, help="times a stage whose worker was lost is started again")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="do not re-run a recorded stage only because its outputs are not on this machine (see above)")
     args = parser.parse_args(argv)
     if not Path("dvc.yaml").is_file():
         fail("no dvc.yaml here: run this from the repository's root")
     check_plan(load_params(), plan_path(None))
-    stages = stages_to_run(args.targets)
+    stages = stages_to_run(args.targets, args.allow_missing)
     timings = read_json(TIMINGS) if TIMINGS.is_file() else {}
     counts = ", ".join(f"{n} {k}" for k, n in Counter(kind(s) for s in stages).items())
     if args.jobs < 1:
@@ -256,10 +305,10 @@ def main(argv=None) -> None:
           flush=True)
     if args.dry or not stages:
         return
-    if args.jobs == 1 and args.executor == "threads":
+    if args.jobs == 1 and args.executor == "threads" and not args.allow_missing:
         code = run_dvc(args.targets, timings)
-    else:
-        code = run_parallel(args.targets, args.jobs, timings, args.executor, args.retries)
+    else:  # DVC's own --allow-missing would not remake a missing input a running stage needs
+        code = run_parallel(args.targets, args.jobs, timings, args.executor, args.retries, args.allow_missing)
     if code:
         raise SystemExit(code)
 

@@ -6,6 +6,7 @@ killed mid-training; its stage runs again and nothing is lost."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -46,3 +47,40 @@ def test_table_over_two_workers_survives_a_killed_worker(dvc_repo, tmp_path):  #
     assert "up to date" in dvc(repo, env, "status", "tables@main").stdout
     table = (repo / "results" / "tables" / "main" / "table.md").read_text()
     assert "lora" in table and "dora" in table
+
+
+def test_fresh_clone_continues_the_recorded_table_with_allow_missing(dvc_repo, tmp_path):  # noqa: F811  (the fixture)
+    """A clone holds the table's records (dvc.lock, results/) but none of its models. With
+    --allow-missing nothing recorded runs again; when a stage must run (its code changed) and reads
+    an output the clone lacks, the recorded stages that make it run again and remake it exactly."""
+    repo, env = dvc_repo
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")  # what git keeps: the project's own rules (no merged/)
+    targets = ["tables@quick", "cimeo_overlap@cimeo-chat-s0"]  # a merged row, and a decomposition's analysis
+    check(run_cmd([PYTHON, "stages/repro.py", "-j", "2", *targets], repo, env, timeout=1800))
+    check(run_cmd(["git", "add", "-A"], repo, env))
+    check(run_cmd(["git", "commit", "-q", "-m", "quick table"], repo, env))
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    clone = tmp_path / "clone"
+    check(run_cmd(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env))
+    assert not any((clone / folder / "lora-default-s0").exists() for folder in ("runs", "merged"))
+    assert not (clone / "models" / "base").exists()
+
+    everything = check(run_cmd([PYTHON, "stages/repro.py", "--dry", *targets], clone, env)).stdout
+    assert "0 stages" not in everything  # plain DVC semantics: missing outputs mean run again
+    recorded = check(run_cmd([PYTHON, "stages/repro.py", "--dry", "--allow-missing", *targets], clone, env)).stdout
+    assert "0 stages to run (none)" in recorded, recorded
+
+    for script in ("evaluate.py", "analysis/overlap_count.py"):  # the scorer's and an analysis's code change
+        with open(clone / "stages" / script, "a") as code:
+            code.write("# changed\n")
+    result = check(run_cmd([PYTHON, "stages/repro.py", "-j", "2", "--allow-missing", *targets], clone, env, timeout=1800))
+    ran = ran_stages(result.stdout)
+    # evaluate reads the merged model, merge the trained run, training the data and the base model,
+    # the analysis the decomposition's masks: all remade, in other processes than the recorded ones
+    remade = {"merge@lora-default-s0", "train@lora-default-s0", "decompose@cimeo-chat", "build_base", "fetch_data"}
+    assert {"evaluate@lora-default-s0", "evaluate_base@default", "cimeo_overlap@cimeo-chat-s0"} | remade <= ran, \
+        result.stdout[-3000:]
+    after = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    for stage in remade:  # remade byte for byte: the record stands
+        assert after[stage]["outs"] == lock[stage]["outs"], stage
+    assert "up to date" in dvc(clone, env, "status", *targets).stdout

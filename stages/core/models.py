@@ -210,3 +210,22 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
+def save_model(model: torch.nn.Module, path: str | Path, **kwargs) -> None:
+    """``model.save_pretrained(path)``, the same files for the same model in every process: peft keeps
+    some settings (``target_modules``, ...) as Python sets, which it writes in their iteration order,
+    and that order changes with each interpreter's string hashing; sorted, the saved adapter is a
+    function of the weights alone (DVC then sees a remade run as the recorded one)."""
+    configs = list(getattr(model, "peft_config", {}).values())
+    kept = [{key: value for key, value in vars(config).items() if isinstance(value, set)} for config in configs]
+    for config, sets in zip(configs, kept):
+        for key, value in sets.items():
+            setattr(config, key, sorted(value, key=str))
+    try:
+        model.save_pretrained(str(path), **kwargs)
+    finally:
+        for config, sets in zip(configs, kept):
+            for key, value in sets.items():
+                setattr(config, key, value)
+

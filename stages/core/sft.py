@@ -46,7 +46,7 @@ from .continual import average_performance, backward_transfer, scored_tasks
 from .errors import cli_entry, fail
 from .evaluation import ITEMS_FILE, Evaluator
 from .io import _prune, atomic_dir, atomic_write_json, read_json
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, save_model
 from .outputs import RunFolders
 from .strategies import check as check_strategy
 from .strategies import placement
@@ -373,9 +373,9 @@ def export_trained(model: torch.nn.Module, path: Path, initial_adapter: Path | N
     """peft models save their adapter only (loadable with PeftModel.from_pretrained); plain
     models save their full weights."""
     if initial_adapter is not None:
-        model.save_pretrained(path, safe_serialization=True, path_initial_model_for_weight_conversion=str(initial_adapter))
+        save_model(model, path, safe_serialization=True, path_initial_model_for_weight_conversion=str(initial_adapter))
     else:
-        model.save_pretrained(path, safe_serialization=True)
+        save_model(model, path, safe_serialization=True)
 
 
 def mergeable_copy(model: torch.nn.Module) -> PreTrainedModel:
@@ -466,7 +466,7 @@ class Trainer:
             # PiSSA/OLoRA rewrite W: keep the initial adapter to export plain-LoRA adapters later.
             self.initial_adapter = self.work.root / "initial_adapter"
             if self.accelerator.is_main_process:
-                model.save_pretrained(self.initial_adapter)
+                save_model(model, self.initial_adapter)
         self.weights = placement(self.strategy, self.accelerator, model, self.tuned)  # before sharding: FSDP's unsharded copy
         self.model = self.weights.prepare(model, optimizer)
         self.evaluator = Evaluator(cfg.tasks + cfg.held_out, cfg.tasks_dir, cfg.eval_batch_size, max_length=cfg.max_length + 32,
