@@ -4,7 +4,8 @@
 * **DDP** (``accelerate launch --multi_gpu``, or ``ACCELERATE_USE_CPU=true`` for CPU processes): every
   process holds the whole model and trains on its slice of each global batch; gradients (zeroth-order
   methods: the projected gradient; AdaLomo: each gradient, in its hooks) are averaged across
-  processes, so every process applies the same update. Every decoder method.
+  processes, so every process applies the same update. Every decoder method but GORP and O-LoRA,
+  which add tensors to train at each task after the model is wrapped.
 * **FSDP** (``accelerate launch --use_fsdp --fsdp_version 2``: torch's ``fully_shard``): the weights,
   gradients and optimizer state are sharded across processes (resharding after forward is ZeRO-3,
   keeping the gathered weights until backward ZeRO-2). The methods whose update is ordinary autograd + an elementwise optimizer
