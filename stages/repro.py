@@ -277,7 +277,10 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
     """Run the stages ``dvc repro targets`` would run, ``jobs`` at a time on ``executor``,
     recording each in dvc.lock and the cache as DVC does. A stage whose worker is lost (killed,
     preempted) is started again, up to ``retries`` times; a stage that fails stops the run (running
-    stages finish, nothing else starts). Returns 0 or 1."""
+    stages finish, nothing else starts). SIGUSR1 stops it the same way without a failure, to go on
+    later with the same command. Returns 0 or 1."""
+    import signal
+
     from dvc.repo import Repo
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -295,11 +298,19 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
         done: set = set()
         running: dict = {}
         lost: dict = {}
-        failed = False
+        failed = draining = False
+        to_run, finished_count = {stage.addressing for stage in plan.to_run()}, 0
+
+        def drain(signum, frame) -> None:
+            nonlocal draining
+            draining = True
+            print(f"SIGUSR1: letting the {len(running)} running stage(s) finish, starting no more", flush=True)
+
+        previous = signal.signal(signal.SIGUSR1, drain)
         try:
-            while len(done) < len(steps) and not (failed and not running):
+            while len(done) < len(steps) and not ((failed or draining) and not running):
                 for stage in steps:
-                    if failed or len(running) >= jobs or stage in done or stage in running or not set(plan.upstream[stage]) <= done:
+                    if failed or draining or len(running) >= jobs or stage in done or stage in running or not set(plan.upstream[stage]) <= done:
                         continue
                     if stage not in plan.forced and not plan.changed(stage):  # unchanged, or its upstream ran
                         done.add(stage)                                       # but left its inputs as they were
@@ -332,9 +343,15 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
                     stage.commit()
                     stage.dump(update_pipeline=False)
                     record(timings, stage.addressing, seconds, threads)
-                    print(f"Finished stage '{stage.addressing}' in {seconds:.0f} s", flush=True)
                     done.add(stage)
+                    finished_count += 1
+                    left = [name for name in to_run if name not in {s.addressing for s in done}]
+                    print(f"Finished stage '{stage.addressing}' in {seconds:.0f} s ({finished_count} done, {len(left)} to go, "
+                          f"about {estimate(left, timings) / jobs / 60:.0f} min left)", flush=True)
+            if draining and not failed:
+                print(f"stopped on request after {finished_count} stage(s); the same command goes on from here", flush=True)
         finally:
+            signal.signal(signal.SIGUSR1, previous)
             workers.close()
     return 1 if failed else 0
 

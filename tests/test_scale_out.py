@@ -6,6 +6,7 @@ killed mid-training; its stage runs again and nothing is lost."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,3 +85,30 @@ def test_fresh_clone_continues_the_recorded_table_with_allow_missing(dvc_repo, t
     for stage in remade:  # remade byte for byte: the record stands
         assert after[stage]["outs"] == lock[stage]["outs"], stage
     assert "up to date" in dvc(clone, env, "status", *targets).stdout
+
+
+def test_sigusr1_lets_running_stages_finish_and_the_same_command_goes_on(dvc_repo, tmp_path):  # noqa: F811
+    """SIGUSR1 to stages/repro.py: the stages already running finish and are recorded, none starts
+    after it, the exit is clean; running the same command again runs only the rest."""
+    repo, env = dvc_repo
+    command = [PYTHON, "stages/repro.py", "-j", "2", "tables@quick"]
+    log = tmp_path / "repro.log"
+    with open(log, "w") as out:
+        runner = subprocess.Popen(command, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900
+        while "Running stage 'train@" not in log.read_text() and runner.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert runner.poll() is None, log.read_text()[-3000:]
+        runner.send_signal(signal.SIGUSR1)
+        assert runner.wait(timeout=1200) == 0, log.read_text()[-3000:]
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    first = log.read_text()
+    started, finished = ran_stages(first), set(re.findall(r"Finished stage '([^']+)'", first))
+    assert "stopped on request" in first and "train@lora-default-s0" in finished, first[-3000:]
+    assert started == finished and "tables@quick" not in started  # nothing left half-done, the table not reached
+    again = check(run_cmd(command, repo, env, timeout=1800)).stdout
+    assert "tables@quick" in ran_stages(again) and not ran_stages(again) & finished, again[-3000:]
+    assert "up to date" in dvc(repo, env, "status", "tables@quick").stdout
