@@ -294,8 +294,10 @@ def slug(text: str) -> str:
 
 def cache_stem(args: argparse.Namespace, model: torch.nn.Module, samples: list[list[int]], method: str, targets: list[str]) -> str:
     """<model>_<dataset>_n<size>_<method>_<digest>: the digest covers the weights, the exact
-    calibration tokens and the target modules."""
+    calibration tokens, the target modules and this file's code (a cache made by other code is
+    never reused: DVC re-runs the stage after an edit here, and must then compute, not read back)."""
     digest = hashlib.sha256()
+    digest.update(Path(__file__).read_bytes())
     digest.update(model_digest(model).encode())
     digest.update(json.dumps(samples).encode())
     digest.update(json.dumps(sorted(targets)).encode())

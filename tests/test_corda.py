@@ -9,6 +9,7 @@ so the params' `decompose:` args (a target_modules list included) reach build_co
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from methods import build_corda as bc
@@ -219,6 +220,22 @@ def test_second_run_with_use_cache_runs_no_model(kpa, corda_project, monkeypatch
     argv[argv.index("--r") + 1] = "2"
     bc.main(argv)
     assert len(list(cache.glob("*_r2_eigens.pt"))) == 1 and [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_a_cache_made_by_other_code_is_not_reused(kpa, corda_project, monkeypatch, tmp_path):
+    """The cache key covers build_corda.py itself: after an edit (DVC re-runs the stage), the
+    covariance is computed again, not read back from a cache the old code wrote."""
+    cache = tmp_path / "cache"  # a copy: the shared fixture's cache keeps its two files
+    shutil.copytree(kpa[1], cache)
+    edited = tmp_path / "build_corda.py"
+    edited.write_bytes(Path(bc.__file__).read_bytes() + b"# edited\n")
+    monkeypatch.setattr(bc, "__file__", str(edited))
+    computed = []
+    real = bc.corda_covariance
+    monkeypatch.setattr(bc, "corda_covariance", lambda *args, **kwargs: computed.append(1) or real(*args, **kwargs))
+    monkeypatch.chdir(corda_project)
+    bc.main(build_args("kpa", "--use_cache", "--cache_dir", str(cache)))
+    assert computed == [1]
 
 
 # ----------------------------------------------------------------------------- training
