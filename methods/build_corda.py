@@ -33,7 +33,8 @@ methods/corda4sft.py; merge a trained adapter onto P, never onto the original ba
 --use_cache keeps peft's covariance file and its eigen cache under --cache_dir, named by model,
 calibration dataset, size and method plus a digest of everything they depend on (model weights,
 the exact calibration tokens, target modules; the eigen cache also the rank): a second run with
-the same settings runs no model at all; a new rank reuses the covariance.
+the same settings runs no model at all; a new rank reuses the covariance. A cache made by other
+code (an edit to this file) is deleted and computed again.
 
 Full-decomposition mode (--mode full_decompose): every target linear layer (of --layers) is
 decomposed and its r SMALLEST components discarded, for each r of --r; perplexity on held-out text
@@ -294,16 +295,30 @@ def slug(text: str) -> str:
 
 def cache_stem(args: argparse.Namespace, model: torch.nn.Module, samples: list[list[int]], method: str, targets: list[str]) -> str:
     """<model>_<dataset>_n<size>_<method>_<digest>: the digest covers the weights, the exact
-    calibration tokens, the target modules and this file's code (a cache made by other code is
-    never reused: DVC re-runs the stage after an edit here, and must then compute, not read back)."""
+    calibration tokens and the target modules (the code that made a cache: ``fresh_cache``)."""
     digest = hashlib.sha256()
-    digest.update(Path(__file__).read_bytes())
     digest.update(model_digest(model).encode())
     digest.update(json.dumps(samples).encode())
     digest.update(json.dumps(sorted(targets)).encode())
     if args.mode == "full_decompose":
         digest.update(json.dumps(sorted(args.layers) if args.layers else "all").encode())
     return f"{slug(args.model_id)}_{slug(args.calib_dataset)}_n{args.calib_loader_size}_{method}_{digest.hexdigest()[:12]}"
+
+
+def fresh_cache(cache_dir: Path, prefix: str) -> None:
+    """Delete the cache files named ``prefix*`` unless this file's code made them (a ``prefix.code``
+    stamp holds its digest). DVC re-runs a stage after an edit here, and the stage must then compute
+    rather than read back what older code cached; the names, and so the decomposition's record,
+    stay the same."""
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    stamp = cache_dir / f"{prefix}.code"
+    if stamp.is_file() and stamp.read_text() == digest:
+        return
+    for old in cache_dir.glob(f"{prefix}*"):
+        if old != stamp:
+            old.unlink()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, digest)
 
 
 # ----------------------------------------------------------------------------- build mode
@@ -397,6 +412,7 @@ def build_adapters(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="corda-") as scratch:
         if args.use_cache:
             stem = cache_stem(args, model, samples, method, args.target_modules)
+            fresh_cache(Path(args.cache_dir), stem)
             covariance_file = Path(args.cache_dir) / f"{stem}_covariance.pt"
             cache_file = Path(args.cache_dir) / f"{stem}_r{r}_eigens.pt"
         else:
@@ -653,6 +669,7 @@ def full_decompose(args: argparse.Namespace) -> None:
         stats_file = None
         if args.use_cache:
             stem = cache_stem(args, model, samples, "stats-maxnorm", args.target_modules)  # per-sample scaled C
+            fresh_cache(Path(args.cache_dir), f"full_{stem}")
             stats_file = Path(args.cache_dir) / f"full_{stem}.pt"
         if stats_file is not None and stats_file.is_file():
             stats = stats_from_file(torch.load(stats_file), layers)

@@ -223,8 +223,8 @@ def test_second_run_with_use_cache_runs_no_model(kpa, corda_project, monkeypatch
 
 
 def test_a_cache_made_by_other_code_is_not_reused(kpa, corda_project, monkeypatch, tmp_path):
-    """The cache key covers build_corda.py itself: after an edit (DVC re-runs the stage), the
-    covariance is computed again, not read back from a cache the old code wrote."""
+    """A cache remembers the code that made it: after an edit to build_corda.py (DVC re-runs the
+    stage), the covariance is computed again, not read back from what the old code wrote."""
     cache = tmp_path / "cache"  # a copy: the shared fixture's cache keeps its two files
     shutil.copytree(kpa[1], cache)
     edited = tmp_path / "build_corda.py"
