@@ -79,14 +79,14 @@ class Plan:
         self.allow_missing = allow_missing
         self.steps = plan_repro(graph, collect_stages(repo, targets or ["dvc.yaml"]))
         # DVC's graph points from a stage to the stages it depends on.
-        self.upstream = {stage: [up for up in graph.successors(stage) if up in self.steps] for stage in self.steps}
+        self.upstream = {stage: {up for up in graph.successors(stage) if up in self.steps} for stage in self.steps}
         depth: dict = {}
         for stage in self.steps:  # DVC's order puts a stage after everything it depends on
             depth[stage] = 1 + max((depth[up] for up in self.upstream[stage]), default=0)
         self.depth = depth
         self.will_run: set = set()
         for stage in self.steps:
-            if set(self.upstream[stage]) & self.will_run or self.changed(stage):
+            if self.upstream[stage] & self.will_run or self.changed(stage):
                 self.will_run.add(stage)
         self.forced: set = set()
         pending = list(self.will_run)
@@ -117,20 +117,35 @@ def stages_to_run(targets: list[str], allow_missing: bool = False) -> list[str]:
         return [stage.addressing for stage in Plan(repo, targets, allow_missing).to_run()]
 
 
+def stage_seconds(timings: dict, sequence=lambda stage: None):
+    """Seconds a stage takes: its recorded time, else the median of the recorded stages of its kind
+    on the same sequence (where ``sequence`` names one), else of its kind, else a first guess."""
+    recorded = timings.get("stages", {})
+    like: dict[tuple, list[float]] = {}
+    for name, entry in recorded.items():
+        for key in {(kind(name), sequence(name)), (kind(name), None)}:
+            like.setdefault(key, []).append(entry["seconds"])
+
+    def seconds(stage: str) -> float:
+        if stage in recorded:
+            return recorded[stage]["seconds"]
+        similar = like.get((kind(stage), sequence(stage))) or like.get((kind(stage), None)) or [FALLBACK.get(kind(stage), 60)]
+        return statistics.median(similar)
+
+    return seconds
+
+
 def estimate(stages: list[str], timings: dict) -> float:
-    by_kind: dict[str, list[float]] = {}
-    for name, record in timings.get("stages", {}).items():
-        by_kind.setdefault(kind(name), []).append(record["seconds"])
-    total = 0.0
-    for stage in stages:
-        known = timings.get("stages", {}).get(stage)
-        total += known["seconds"] if known else statistics.median(by_kind.get(kind(stage), [FALLBACK.get(kind(stage), 60)]))
-    return total
+    seconds = stage_seconds(timings)
+    return sum(seconds(stage) for stage in stages)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def machine() -> dict:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cores": cores, "load_average_1min": round(os.getloadavg()[0], 2),
+    return {"cores": cores(), "load_average_1min": round(os.getloadavg()[0], 2),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
@@ -166,24 +181,15 @@ def timings_table(timings: dict, plan: dict) -> str:
     """results/timings.md: what each kind of stage and each table costs, from the recorded times;
     a stage never timed counts as the median of its kind on the same sequence (else of its kind)."""
     recorded = timings.get("stages", {})
-    by_kind: dict[str, list[float]] = {}
-    like: dict[tuple, list[float]] = {}  # by kind and sequence: a cognition run costs more than a default one
 
-    def sequence(stage: str) -> str | None:
+    def sequence(stage: str) -> str | None:  # a cognition run costs more than a default one
         item = stage.split("@", 1)[-1]
         return item if kind(stage) == "evaluate_base" else plan["runs"].get(item, {}).get("sequence")
 
+    seconds = stage_seconds(timings, sequence)
+    by_kind: dict[str, list[float]] = {}
     for name, entry in recorded.items():
         by_kind.setdefault(kind(name), []).append(entry["seconds"])
-        like.setdefault((kind(name), sequence(name)), []).append(entry["seconds"])
-
-    def seconds(stage: str) -> float:
-        known = recorded.get(stage)
-        if known:
-            return known["seconds"]
-        similar = like.get((kind(stage), sequence(stage))) or by_kind.get(kind(stage)) or [FALLBACK.get(kind(stage), 60)]
-        return statistics.median(similar)
-
     kinds = []
     for name, values in sorted(by_kind.items(), key=lambda item: -sum(item[1])):
         entries = [entry for stage, entry in recorded.items() if kind(stage) == name]
@@ -283,8 +289,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
 
     from dvc.repo import Repo
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // jobs)
+    threads = max(1, cores() // jobs)
     env = dict(os.environ, ADAPTLAB_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     workers = Workers(executor, jobs, threads)
 
@@ -299,7 +304,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
         running: dict = {}
         lost: dict = {}
         failed = draining = False
-        to_run, finished_count = {stage.addressing for stage in plan.to_run()}, 0
+        to_run, finished_count = plan.to_run(), 0
 
         def drain(signum, frame) -> None:
             nonlocal draining
@@ -310,7 +315,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
         try:
             while len(done) < len(steps) and not ((failed or draining) and not running):
                 for stage in steps:
-                    if failed or draining or len(running) >= jobs or stage in done or stage in running or not set(plan.upstream[stage]) <= done:
+                    if failed or draining or len(running) >= jobs or stage in done or stage in running or not plan.upstream[stage] <= done:
                         continue
                     if stage not in plan.forced and not plan.changed(stage):  # unchanged, or its upstream ran
                         done.add(stage)                                       # but left its inputs as they were
@@ -345,7 +350,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
                     record(timings, stage.addressing, seconds, threads)
                     done.add(stage)
                     finished_count += 1
-                    left = [name for name in to_run if name not in {s.addressing for s in done}]
+                    left = [step.addressing for step in to_run if step not in done]
                     print(f"Finished stage '{stage.addressing}' in {seconds:.0f} s ({finished_count} done, {len(left)} to go, "
                           f"about {estimate(left, timings) / jobs / 60:.0f} min left)", flush=True)
             if draining and not failed:
@@ -394,13 +399,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not Path("dvc.yaml").is_file():
         fail("no dvc.yaml here: run this from the repository's root")
-    check_plan(load_params(), plan_path(None))
+    params = load_params()
+    check_plan(params, plan_path(None))
+    timings = read_json(TIMINGS) if TIMINGS.is_file() else {}
     if args.timings:
-        atomic_write_text(TIMINGS_TABLE, timings_table(read_json(TIMINGS), build_plan(load_params())))
+        atomic_write_text(TIMINGS_TABLE, timings_table(timings, build_plan(params)))
         print(f"wrote {TIMINGS_TABLE}")
         return
     stages = stages_to_run(args.targets, args.allow_missing)
-    timings = read_json(TIMINGS) if TIMINGS.is_file() else {}
     counts = ", ".join(f"{n} {k}" for k, n in Counter(kind(s) for s in stages).items())
     if args.jobs < 1:
         fail(f"-j must be at least 1, got {args.jobs}")
