@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -144,8 +145,26 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cpu(cpuinfo: str | None = None) -> str:
+    """The CPU and the unit its bf16 matrix products run on. The unit decides their rounding (AMX,
+    AVX512-BF16 and plain AVX512/AVX2 kernels sum in different orders), so a run is bit-identical
+    only on the same kind of CPU at the same thread count: on another kind its scores move within
+    seed noise. (ONEDNN_MAX_CPU_ISA pins the unit: a machine can reproduce an older one's kernels.)"""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = set(flags.group(1).split()) if flags else set()
+    unit = next((name for name in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if name in flags), "other")
+    pinned = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{model.group(1).strip() if model else platform.machine()} ({unit}{', oneDNN ' + pinned if pinned else ''})"
+
+
 def machine() -> dict:
-    return {"cores": cores(), "load_average_1min": round(os.getloadavg()[0], 2),
+    return {"cores": cores(), "cpu": cpu(), "load_average_1min": round(os.getloadavg()[0], 2),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
@@ -205,6 +224,7 @@ def timings_table(timings: dict, plan: dict) -> str:
         since = min((recorded[stage]["finished"][:10] for stage in timed), default="-")
         tables.append([name, len(stages), len(timed), since, f"{total / 3600:.1f}", f"{total / 7200:.1f}"])
     cores = {entry.get("cores") for entry in recorded.values()}
+    cpus = Counter(entry.get("cpu", "not recorded") for entry in recorded.values())
     return "\n".join([
         "# What the stages cost",
         "",
@@ -212,6 +232,10 @@ def timings_table(timings: dict, plan: dict) -> str:
         "stage's wall time the last time it ran, with the threads it had and the machine's 1-minute load",
         f"average then ({'/'.join(str(c) for c in sorted(cores, key=str))} cores; OpenMP waiting passively). "
         "Compare kinds only by times taken at similar load.",
+        "",
+        "CPUs (stages timed on each): " + "; ".join(f"{name}: {count}" for name, count in cpus.most_common()) + ". A run",
+        "is bit-identical on the same kind of CPU at the same thread count; bf16 kernels on another kind",
+        "(AMX, AVX512-BF16, AVX2) round differently, and its scores move within seed noise.",
         "",
         "## By kind of stage",
         "",

@@ -51,3 +51,15 @@ def test_table_costs_sum_recorded_times_and_estimate_the_rest_from_like_stages()
     # median over every training run (1.5 h)
     assert rows["plain"] == ["7", "6", "2026-12-04", "11.0", "5.5"]
     assert rows["train"][:6] == ["3", "15000", "3600", "36000", "750", "1"]
+
+
+def test_the_cpu_record_names_the_bf16_unit_that_decides_rounding(monkeypatch):
+    from stages.repro import cpu
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    amx = "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n"
+    assert cpu(amx) == "Intel(R) Xeon(R) Processor (amx_bf16)"
+    assert cpu(amx.replace(" amx_bf16", "")) == "Intel(R) Xeon(R) Processor (avx512_bf16)"
+    assert cpu("model name\t: Old\nflags\t\t: fpu avx2\n") == "Old (avx2)"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert cpu(amx) == "Intel(R) Xeon(R) Processor (amx_bf16, oneDNN AVX512_CORE_BF16)"
