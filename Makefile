@@ -57,9 +57,10 @@ repro: plan
 	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/repro.py -j 2 tables@quick
 
 # Every table, two stages at a time, continuing the records in dvc.lock: a recorded stage is not run
-# again only because its outputs are not on this machine (there is no DVC remote; see docs/scale-out.md).
+# again only because its outputs are not on this machine (there is no DVC remote; see docs/scale-out.md);
+# a failed stage holds up only the stages that need it (--keep-going).
 repro-all: plan
-	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/repro.py -j 2 --allow-missing
+	PATH="$(abspath $(VENV))/bin:$$PATH" python stages/repro.py -j 2 --allow-missing --keep-going
 
 # Two workers (pytest-xdist): the suite is mostly single-threaded subprocess start-up.
 test: venv

@@ -22,6 +22,8 @@ to the cache, write the stage's entry of dvc.lock), one stage at a time and unde
 a stage whose inputs turn out unchanged once its upstream has run is skipped, as DVC would.
 Among the stages ready to start, the one furthest down the pipeline goes first, so a row's merge,
 evaluation and collection follow its training instead of waiting for every other row's training.
+A failed stage stops the run (running stages finish); with ``--keep-going`` only the stages that
+need it are not run.
 
 ``--allow-missing`` (DVC's flag of that name) continues the recorded pipeline on a machine that does
 not hold its outputs (a fresh clone: this project has no DVC remote, so trained models live only
@@ -303,12 +305,13 @@ class Workers:
 
 
 def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "threads", retries: int = 1,
-                 allow_missing: bool = False) -> int:
+                 allow_missing: bool = False, keep_going: bool = False) -> int:
     """Run the stages ``dvc repro targets`` would run, ``jobs`` at a time on ``executor``,
     recording each in dvc.lock and the cache as DVC does. A stage whose worker is lost (killed,
     preempted) is started again, up to ``retries`` times; a stage that fails stops the run (running
-    stages finish, nothing else starts). SIGUSR1 stops it the same way without a failure, to go on
-    later with the same command. Returns 0 or 1."""
+    stages finish, nothing else starts), or with ``keep_going`` only the stages downstream of it
+    (DVC's --keep-going). SIGUSR1 stops it like a failure, to go on later with the same command.
+    Returns 0, or 1 after a failure."""
     import signal
 
     from dvc.repo import Repo
@@ -327,7 +330,9 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
         done: set = set()
         running: dict = {}
         lost: dict = {}
-        failed = draining = False
+        failures: list = []  # stages that failed
+        blocked: set = set()  # stages downstream of a failure, not run
+        draining = False
         to_run, finished_count = plan.to_run(), 0
 
         def drain(signum, frame) -> None:
@@ -337,9 +342,15 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
 
         previous = signal.signal(signal.SIGUSR1, drain)
         try:
-            while len(done) < len(steps) and not ((failed or draining) and not running):
+            def stopping() -> bool:
+                return draining or bool(failures and not keep_going)
+
+            while len(done) + len(failures) + len(blocked) < len(steps) and not (stopping() and not running):
                 for stage in steps:
-                    if failed or draining or len(running) >= jobs or stage in done or stage in running or not plan.upstream[stage] <= done:
+                    if stage not in blocked and plan.upstream[stage] & (set(failures) | blocked):
+                        blocked.add(stage)
+                    if stopping() or len(running) >= jobs or stage in done or stage in running or stage in blocked \
+                            or stage in failures or not plan.upstream[stage] <= done:
                         continue
                     if stage not in plan.forced and not plan.changed(stage):  # unchanged, or its upstream ran
                         done.add(stage)                                       # but left its inputs as they were
@@ -358,7 +369,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
                         lost[stage] = lost.get(stage, 0) + 1
                         if lost[stage] > retries:
                             print(f"ERROR: stage '{stage.addressing}' lost its worker {lost[stage]} times ({err})", file=sys.stderr)
-                            failed = True
+                            failures.append(stage)
                         else:
                             print(f"stage '{stage.addressing}' lost its worker ({type(err).__name__}): running it again", flush=True)
                             stage.remove_outs(ignore_remove=False, force=False)
@@ -366,7 +377,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
                         continue
                     if code:
                         print(f"ERROR: stage '{stage.addressing}' failed with exit code {code}", file=sys.stderr, flush=True)
-                        failed = True
+                        failures.append(stage)
                         continue
                     stage.save()
                     stage.commit()
@@ -377,17 +388,23 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
                     left = [step.addressing for step in to_run if step not in done]
                     print(f"Finished stage '{stage.addressing}' in {seconds:.0f} s ({finished_count} done, {len(left)} to go, "
                           f"about {estimate(left, timings) / jobs / 60:.0f} min left)", flush=True)
-            if draining and not failed:
+            if failures:
+                names = ", ".join(stage.addressing for stage in failures)
+                rest = len(steps) - len(done) - len(failures) - len(blocked)
+                print(f"ERROR: {len(failures)} stage(s) failed ({names}): {finished_count} finished and recorded, "
+                      f"{len(blocked)} not run because they need a failed one" + (f", {rest} not started" if rest else "")
+                      + "; fix the failure and run the same command to go on from here", file=sys.stderr, flush=True)
+            elif draining:
                 print(f"stopped on request after {finished_count} stage(s); the same command goes on from here", flush=True)
         finally:
             signal.signal(signal.SIGUSR1, previous)
             workers.close()
-    return 1 if failed else 0
+    return 1 if failures else 0
 
 
-def run_dvc(targets: list[str], timings: dict) -> int:
+def run_dvc(targets: list[str], timings: dict, keep_going: bool = False) -> int:
     """``dvc repro targets``, its output passed through; each stage's wall time recorded."""
-    process = subprocess.Popen(["dvc", "repro", *targets], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    process = subprocess.Popen(["dvc", "repro", *(["--keep-going"] if keep_going else []), *targets], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     current, began = None, 0.0
 
     def finish() -> None:
@@ -420,6 +437,8 @@ def main(argv=None) -> None:
     parser.add_argument("--retries", type=int, default=1, help="times a stage whose worker was lost is started again")
     parser.add_argument("--allow-missing", action="store_true",
                         help="do not re-run a recorded stage only because its outputs are not on this machine (see above)")
+    parser.add_argument("-k", "--keep-going", action="store_true",
+                        help="after a stage fails, run every stage that does not need it (DVC's flag; default: stop)")
     args = parser.parse_args(argv)
     if not Path("dvc.yaml").is_file():
         fail("no dvc.yaml here: run this from the repository's root")
@@ -443,9 +462,9 @@ def main(argv=None) -> None:
     if args.dry or not stages:
         return
     if args.jobs == 1 and args.executor == "threads" and not args.allow_missing:
-        code = run_dvc(args.targets, timings)
+        code = run_dvc(args.targets, timings, args.keep_going)
     else:  # DVC's own --allow-missing would not remake a missing input a running stage needs
-        code = run_parallel(args.targets, args.jobs, timings, args.executor, args.retries, args.allow_missing)
+        code = run_parallel(args.targets, args.jobs, timings, args.executor, args.retries, args.allow_missing, args.keep_going)
     if code:
         raise SystemExit(code)
 

@@ -63,3 +63,40 @@ def test_the_cpu_record_names_the_bf16_unit_that_decides_rounding(monkeypatch):
     assert cpu("model name\t: Old\nflags\t\t: fpu avx2\n") == "Old (avx2)"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     assert cpu(amx) == "Intel(R) Xeon(R) Processor (amx_bf16, oneDNN AVX512_CORE_BF16)"
+
+
+def test_a_failed_stage_stops_the_run_or_with_keep_going_only_what_needs_it(tmp_path, monkeypatch, capsys):
+    """stages/repro.py -j N after a stage fails: by default nothing more starts; with --keep-going
+    (DVC's flag) every stage that does not need the failed one still runs and is recorded, and the
+    closing line names the failure and what was not run."""
+    import shlex
+    import sys
+
+    import yaml
+    from dvc.repo import Repo
+
+    import stages.repro as repro
+
+    monkeypatch.setattr(repro, "record", lambda *args: None)  # no project params here to tabulate
+    stages = {
+        "bad": {"cmd": f"{shlex.quote(sys.executable)} -c 'raise SystemExit(3)'", "outs": ["bad.txt"]},
+        "after_bad": {"cmd": "cp bad.txt after_bad.txt", "deps": ["bad.txt"], "outs": ["after_bad.txt"]},
+        "good": {"cmd": "echo ok > good.txt", "outs": ["good.txt"]},
+        "after_good": {"cmd": "cp good.txt after_good.txt", "deps": ["good.txt"], "outs": ["after_good.txt"]},
+    }
+    for keep_going in (False, True):
+        project = tmp_path / str(keep_going)
+        project.mkdir()
+        Repo.init(str(project), no_scm=True).close()
+        (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+        monkeypatch.chdir(project)
+        assert repro.run_parallel([], 1, {}, keep_going=keep_going) == 1
+        error = capsys.readouterr().err
+        assert "ERROR: stage 'bad' failed with exit code 3" in error and "1 stage(s) failed (bad)" in error, error
+        assert not (project / "after_bad.txt").exists()
+        recorded = yaml.safe_load((project / "dvc.lock").read_text())["stages"] if (project / "dvc.lock").exists() else {}
+        if keep_going:  # the independent branch ran and is recorded; the failed one's child did not run
+            assert (project / "after_good.txt").read_text() == "ok\n" and set(recorded) == {"good", "after_good"}
+            assert "1 not run because they need a failed one" in error and "not started" not in error, error
+        else:  # stopped at the failure: what had not started stays for the same command to run
+            assert "after_good" not in recorded and "not started" in error, error
