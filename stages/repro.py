@@ -403,25 +403,42 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
 
 
 def run_dvc(targets: list[str], timings: dict, keep_going: bool = False) -> int:
-    """``dvc repro targets``, its output passed through; each stage's wall time recorded."""
-    process = subprocess.Popen(["dvc", "repro", *(["--keep-going"] if keep_going else []), *targets], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    """``dvc repro targets``, its output passed through; each stage's wall time recorded. A thread
+    stamps every line as it arrives: recording a stage takes a moment, and lines read after it
+    (a short stage's start and end) would otherwise be timed by when they were read."""
+    import queue
+    import threading
+
+    process = subprocess.Popen(["dvc", "repro", *(["--keep-going"] if keep_going else []), *targets],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put((time.monotonic(), line))
+        lines.put((time.monotonic(), None))
+
+    threading.Thread(target=read, daemon=True).start()
     current, began = None, 0.0
 
-    def finish() -> None:
+    def finish(at: float) -> None:
         if current is not None:
-            record(timings, current, time.monotonic() - began, os.environ.get("ADAPTLAB_THREADS", "auto"))
+            record(timings, current, at - began, os.environ.get("ADAPTLAB_THREADS", "auto"))
 
-    assert process.stdout is not None
-    for line in process.stdout:
+    while True:
+        at, line = lines.get()
+        if line is None:
+            break
         sys.stdout.write(line)
         sys.stdout.flush()
         found = RUNNING.match(line)
         if found:
-            finish()
-            current, began = found.group(1), time.monotonic()
+            finish(at)
+            current, began = found.group(1), at
     code = process.wait()
     if code == 0:
-        finish()
+        finish(at)
     return code
 
 
