@@ -170,11 +170,13 @@ def machine() -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
-def record(timings: dict, stage: str, seconds: float, threads: int | str) -> None:
+def record(timings: dict, stage: str, seconds: float, threads: int | str, plan: dict) -> None:
+    """Add a finished stage's time to results/timings.json and regenerate results/timings.md
+    (``plan``: the run plan of params.yaml, built once per run)."""
     timings.setdefault("stages", {})[stage] = {
         "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **machine(), "threads": threads}
     atomic_write_json(TIMINGS, timings)  # after every stage: an interrupted repro keeps what finished
-    atomic_write_text(TIMINGS_TABLE, timings_table(timings, build_plan(load_params())))
+    atomic_write_text(TIMINGS_TABLE, timings_table(timings, plan))
 
 
 def table_stages(plan: dict) -> dict[str, set[str]]:
@@ -304,14 +306,14 @@ class Workers:
             self.pool.shutdown(wait=True)
 
 
-def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "threads", retries: int = 1,
+def run_parallel(targets: list[str], jobs: int, timings: dict, runs: dict, executor: str = "threads", retries: int = 1,
                  allow_missing: bool = False, keep_going: bool = False) -> int:
     """Run the stages ``dvc repro targets`` would run, ``jobs`` at a time on ``executor``,
     recording each in dvc.lock and the cache as DVC does. A stage whose worker is lost (killed,
     preempted) is started again, up to ``retries`` times; a stage that fails stops the run (running
     stages finish, nothing else starts), or with ``keep_going`` only the stages downstream of it
     (DVC's --keep-going). SIGUSR1 stops it like a failure, to go on later with the same command.
-    Returns 0, or 1 after a failure."""
+    ``runs`` is params.yaml's run plan, for results/timings.md. Returns 0, or 1 after a failure."""
     import signal
 
     from dvc.repo import Repo
@@ -330,7 +332,8 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
         done: set = set()
         running: dict = {}
         lost: dict = {}
-        failures: list = []  # stages that failed
+        failures: list = []  # stages that failed, in the order they failed
+        stopped: set = set()  # the failed stages and those downstream of one
         blocked: set = set()  # stages downstream of a failure, not run
         draining = False
         to_run, finished_count = plan.to_run(), 0
@@ -347,10 +350,11 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
 
             while len(done) + len(failures) + len(blocked) < len(steps) and not (stopping() and not running):
                 for stage in steps:
-                    if stage not in blocked and plan.upstream[stage] & (set(failures) | blocked):
+                    if stage not in stopped and plan.upstream[stage] & stopped:
                         blocked.add(stage)
-                    if stopping() or len(running) >= jobs or stage in done or stage in running or stage in blocked \
-                            or stage in failures or not plan.upstream[stage] <= done:
+                        stopped.add(stage)
+                    if stopping() or len(running) >= jobs or stage in done or stage in running or stage in stopped \
+                            or not plan.upstream[stage] <= done:
                         continue
                     if stage not in plan.forced and not plan.changed(stage):  # unchanged, or its upstream ran
                         done.add(stage)                                       # but left its inputs as they were
@@ -370,6 +374,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
                         if lost[stage] > retries:
                             print(f"ERROR: stage '{stage.addressing}' lost its worker {lost[stage]} times ({err})", file=sys.stderr)
                             failures.append(stage)
+                            stopped.add(stage)
                         else:
                             print(f"stage '{stage.addressing}' lost its worker ({type(err).__name__}): running it again", flush=True)
                             stage.remove_outs(ignore_remove=False, force=False)
@@ -378,11 +383,12 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
                     if code:
                         print(f"ERROR: stage '{stage.addressing}' failed with exit code {code}", file=sys.stderr, flush=True)
                         failures.append(stage)
+                        stopped.add(stage)
                         continue
                     stage.save()
                     stage.commit()
                     stage.dump(update_pipeline=False)
-                    record(timings, stage.addressing, seconds, threads)
+                    record(timings, stage.addressing, seconds, threads, runs)
                     done.add(stage)
                     finished_count += 1
                     left = [step.addressing for step in to_run if step not in done]
@@ -402,7 +408,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, executor: str = "
     return 1 if failures else 0
 
 
-def run_dvc(targets: list[str], timings: dict, keep_going: bool = False) -> int:
+def run_dvc(targets: list[str], timings: dict, runs: dict, keep_going: bool = False) -> int:
     """``dvc repro targets``, its output passed through; each stage's wall time recorded. A thread
     stamps every line as it arrives: recording a stage takes a moment, and lines read after it
     (a short stage's start and end) would otherwise be timed by when they were read."""
@@ -424,7 +430,7 @@ def run_dvc(targets: list[str], timings: dict, keep_going: bool = False) -> int:
 
     def finish(at: float) -> None:
         if current is not None:
-            record(timings, current, at - began, os.environ.get("ADAPTLAB_THREADS", "auto"))
+            record(timings, current, at - began, os.environ.get("ADAPTLAB_THREADS", "auto"), runs)
 
     while True:
         at, line = lines.get()
@@ -462,8 +468,9 @@ def main(argv=None) -> None:
     params = load_params()
     check_plan(params, plan_path(None))
     timings = read_json(TIMINGS) if TIMINGS.is_file() else {}
+    runs = build_plan(params)  # results/timings.md's tables, rewritten after every stage
     if args.timings:
-        atomic_write_text(TIMINGS_TABLE, timings_table(timings, build_plan(params)))
+        atomic_write_text(TIMINGS_TABLE, timings_table(timings, runs))
         print(f"wrote {TIMINGS_TABLE}")
         return
     stages = stages_to_run(args.targets, args.allow_missing)
@@ -479,9 +486,10 @@ def main(argv=None) -> None:
     if args.dry or not stages:
         return
     if args.jobs == 1 and args.executor == "threads" and not args.allow_missing:
-        code = run_dvc(args.targets, timings, args.keep_going)
+        code = run_dvc(args.targets, timings, runs, args.keep_going)
     else:  # DVC's own --allow-missing would not remake a missing input a running stage needs
-        code = run_parallel(args.targets, args.jobs, timings, args.executor, args.retries, args.allow_missing, args.keep_going)
+        code = run_parallel(args.targets, args.jobs, timings, runs, args.executor, args.retries, args.allow_missing,
+                            args.keep_going)
     if code:
         raise SystemExit(code)
 
