@@ -170,13 +170,13 @@ def machine() -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
-def record(timings: dict, stage: str, seconds: float, threads: int | str, plan: dict) -> None:
+def record(timings: dict, stage: str, seconds: float, threads: int | str, runs: dict) -> None:
     """Add a finished stage's time to results/timings.json and regenerate results/timings.md
-    (``plan``: the run plan of params.yaml, built once per run)."""
+    (``runs``: params.yaml's run plan, built once per run)."""
     timings.setdefault("stages", {})[stage] = {
         "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **machine(), "threads": threads}
     atomic_write_json(TIMINGS, timings)  # after every stage: an interrupted repro keeps what finished
-    atomic_write_text(TIMINGS_TABLE, timings_table(timings, plan))
+    atomic_write_text(TIMINGS_TABLE, timings_table(timings, runs))
 
 
 def table_stages(plan: dict) -> dict[str, set[str]]:
@@ -333,8 +333,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, runs: dict, execu
         running: dict = {}
         lost: dict = {}
         failures: list = []  # stages that failed, in the order they failed
-        stopped: set = set()  # the failed stages and those downstream of one
-        blocked: set = set()  # stages downstream of a failure, not run
+        stopped: set = set()  # the failed stages and those downstream of one (not run)
         draining = False
         to_run, finished_count = plan.to_run(), 0
 
@@ -348,10 +347,9 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, runs: dict, execu
             def stopping() -> bool:
                 return draining or bool(failures and not keep_going)
 
-            while len(done) + len(failures) + len(blocked) < len(steps) and not (stopping() and not running):
+            while len(done) + len(stopped) < len(steps) and not (stopping() and not running):
                 for stage in steps:
                     if stage not in stopped and plan.upstream[stage] & stopped:
-                        blocked.add(stage)
                         stopped.add(stage)
                     if stopping() or len(running) >= jobs or stage in done or stage in running or stage in stopped \
                             or not plan.upstream[stage] <= done:
@@ -396,9 +394,9 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, runs: dict, execu
                           f"about {estimate(left, timings) / jobs / 60:.0f} min left)", flush=True)
             if failures:
                 names = ", ".join(stage.addressing for stage in failures)
-                rest = len(steps) - len(done) - len(failures) - len(blocked)
+                rest = len(steps) - len(done) - len(stopped)
                 print(f"ERROR: {len(failures)} stage(s) failed ({names}): {finished_count} finished and recorded, "
-                      f"{len(blocked)} not run because they need a failed one" + (f", {rest} not started" if rest else "")
+                      f"{len(stopped) - len(failures)} not run because they need a failed one" + (f", {rest} not started" if rest else "")
                       + "; fix the failure and run the same command to go on from here", file=sys.stderr, flush=True)
             elif draining:
                 print(f"stopped on request after {finished_count} stage(s); the same command goes on from here", flush=True)
