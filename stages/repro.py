@@ -8,7 +8,7 @@
 Before running it checks that plan.yaml matches params.yaml's tables, lists the stages DVC will
 run for the targets (changed ones and everything downstream of them), and prints their number by
 kind with an estimate from ``results/timings.json``: the wall time each stage took when this
-script last ran it (a stage never run before is estimated from the median of its kind). Then it
+script last ran it (a stage never run before counts as the median of its kind on its sequence). Then it
 runs ``dvc repro`` on the targets, reading DVC's output to time every stage, and merges those
 times, with the machine's cores, thread settings and load, into ``results/timings.json``, from
 which the README's time figures come.
@@ -138,8 +138,17 @@ def stage_seconds(timings: dict, sequence=lambda stage: None):
     return seconds
 
 
-def estimate(stages: list[str], timings: dict) -> float:
-    seconds = stage_seconds(timings)
+def sequence_of(runs: dict):
+    """The sequence a stage works on, for estimates (a cognition run costs more than a default one):
+    evaluate_base names it, a run's stages read it from the run plan; None for the rest."""
+    def sequence(stage: str) -> str | None:
+        item = stage.split("@", 1)[-1]
+        return item if kind(stage) == "evaluate_base" else runs["runs"].get(item.split(".", 1)[-1], {}).get("sequence")
+    return sequence
+
+
+def estimate(stages: list[str], timings: dict, runs: dict) -> float:
+    seconds = stage_seconds(timings, sequence_of(runs))
     return sum(seconds(stage) for stage in stages)
 
 
@@ -204,12 +213,7 @@ def timings_table(timings: dict, plan: dict) -> str:
     """results/timings.md: what each kind of stage and each table costs, from the recorded times;
     a stage never timed counts as the median of its kind on the same sequence (else of its kind)."""
     recorded = timings.get("stages", {})
-
-    def sequence(stage: str) -> str | None:  # a cognition run costs more than a default one
-        item = stage.split("@", 1)[-1]
-        return item if kind(stage) == "evaluate_base" else plan["runs"].get(item, {}).get("sequence")
-
-    seconds = stage_seconds(timings, sequence)
+    seconds = stage_seconds(timings, sequence_of(plan))
     by_kind: dict[str, list[float]] = {}
     for name, entry in recorded.items():
         by_kind.setdefault(kind(name), []).append(entry["seconds"])
@@ -391,7 +395,7 @@ def run_parallel(targets: list[str], jobs: int, timings: dict, runs: dict, execu
                     finished_count += 1
                     left = [step.addressing for step in to_run if step not in done]
                     print(f"Finished stage '{stage.addressing}' in {seconds:.0f} s ({finished_count} done, {len(left)} to go, "
-                          f"about {estimate(left, timings) / jobs / 60:.0f} min left)", flush=True)
+                          f"about {estimate(left, timings, runs) / jobs / 60:.0f} min left)", flush=True)
             if failures:
                 names = ", ".join(stage.addressing for stage in failures)
                 rest = len(steps) - len(done) - len(stopped)
@@ -475,9 +479,9 @@ def main(argv=None) -> None:
     counts = ", ".join(f"{n} {k}" for k, n in Counter(kind(s) for s in stages).items())
     if args.jobs < 1:
         fail(f"-j must be at least 1, got {args.jobs}")
-    minutes = estimate(stages, timings) / 60
+    minutes = estimate(stages, timings, runs) / 60
     pace = "" if args.jobs == 1 else f", less with {args.jobs} at a time"
-    source = ("results/timings.json: the times these stages took before, the median of their kind for new ones"
+    source = ("results/timings.json: the times these stages took before, for new ones the median of their kind on their sequence"
               if timings.get("stages") else "no results/timings.json yet: a first guess per kind of stage")
     print(f"{len(stages)} stages to run ({counts or 'none'}): about {minutes:.0f} min one at a time{pace} ({source})",
           flush=True)

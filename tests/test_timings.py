@@ -3,7 +3,7 @@ the recorded stage times, with untimed stages counted as the median of their kin
 
 from __future__ import annotations
 
-from stages.repro import table_stages, timings_table
+from stages.repro import estimate, table_stages, timings_table
 
 
 def entry(seconds: float) -> dict:
@@ -51,6 +51,16 @@ def test_table_costs_sum_recorded_times_and_estimate_the_rest_from_like_stages()
     # median over every training run (1.5 h)
     assert rows["plain"] == ["7", "6", "2026-12-04", "11.0", "5.5"]
     assert rows["train"][:6] == ["3", "15000", "3600", "36000", "750", "1"]
+
+
+def test_the_progress_estimate_counts_an_untimed_run_like_the_timed_runs_of_its_sequence():
+    """The estimate printed before a run and after each stage, as in results/timings.md: an untimed
+    long run and its collect stage count as the long runs timed, not as the median of every run."""
+    stages = {name: entry(seconds) for name, seconds in {
+        "train@a-short-s0": 60, "train@b-short-s0": 60, "train@x-long-s0": 1200, "collect@plain.a-short-s0": 1}.items()}
+    plan = PLAN | {"runs": PLAN["runs"] | {"x-long-s0": run("long")}}
+    assert estimate(["train@a-long-s0", "collect@plain.a-long-s0"], {"stages": stages}, plan) == 1200 + 1
+    assert estimate(["train@c-other-s0"], {"stages": stages}, plan) == 60  # no sequence known: every run's median
 
 
 def test_the_cpu_record_names_the_bf16_unit_that_decides_rounding(monkeypatch):
