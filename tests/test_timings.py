@@ -100,7 +100,7 @@ def test_a_failed_stage_stops_the_run_or_with_keep_going_only_what_needs_it(tmp_
         Repo.init(str(project), no_scm=True).close()
         (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
         monkeypatch.chdir(project)
-        assert repro.run_parallel([], 1, {}, {}, keep_going=keep_going) == 1
+        assert repro.run_parallel([], 1, {}, {"runs": {}}, keep_going=keep_going) == 1
         error = capsys.readouterr().err
         assert "ERROR: stage 'bad' failed with exit code 3" in error and "1 stage(s) failed (bad)" in error, error
         assert not (project / "after_bad.txt").exists()
